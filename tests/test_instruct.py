@@ -1,0 +1,172 @@
+"""Stage 6: instruction data, template, split, collate, answers, format rate, and a tiny tuning run."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from core.errors import DataError, GlassBoxError, TokenizerError
+from core.tasks import instruct as ins
+
+SHARED_DATA = os.environ.get("GLASSBOX_DATA_DIR") or "/work/shared/data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path, monkeypatch):
+    # conftest.py (lead) does this too; kept here so this file also runs on its own
+    monkeypatch.setenv("GLASSBOX_CHECKPOINTS_DIR", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("GLASSBOX_DOWNLOADS_DIR", str(tmp_path / "downloads"))
+    monkeypatch.setenv("GLASSBOX_DATA_DIR", SHARED_DATA)
+
+
+class ByteTokenizer:
+    """Bytes 0-255 plus <|endoftext|> = 256: enough to test encoding and collate exactly."""
+
+    kind = "bytes"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+RECORD = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+          "output": "The car is as fast as lightning."}
+
+
+# --- template -------------------------------------------------------------------------------
+
+def test_prompt_template_matches_the_book():
+    assert ins.format_prompt(RECORD) == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nRewrite the sentence using a simile."
+        "\n\n### Input:\nThe car is very fast.\n\n### Response:\n"
+    )
+    assert ins.format_example(RECORD).endswith("### Response:\nThe car is as fast as lightning.")
+
+
+def test_prompt_without_input_has_no_input_section():
+    prompt = ins.format_prompt({"instruction": "Name a colour.", "input": "", "output": "Blue."})
+    assert "### Input" not in prompt
+    assert prompt.endswith("### Instruction:\nName a colour.\n\n### Response:\n")
+
+
+# --- data and split -------------------------------------------------------------------------
+
+def test_registry_data_splits_like_the_book():
+    records = ins.load_instruction_data("instruction-data")
+    assert len(records) == 1100
+    splits = ins.split_records(records)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 935, "test": 110, "val": 55}
+    with open(os.path.join(SHARED_DATA, "instruction-data-with-response.json")) as f:
+        book_test = json.load(f)
+    assert [r["instruction"] for r in splits["test"]] == [r["instruction"] for r in book_test]
+
+
+def test_seeded_split_is_reproducible_and_shuffled():
+    records = [{"instruction": f"i{n}", "input": "", "output": f"o{n}"} for n in range(100)]
+    a, b = ins.split_records(records, seed=7), ins.split_records(records, seed=7)
+    assert a == b
+    assert a["train"] != records[:85]
+    assert (len(a["train"]), len(a["test"]), len(a["val"])) == (85, 10, 5)
+
+
+def test_too_few_records_is_a_data_error():
+    with pytest.raises(DataError, match="too few"):
+        ins.split_records([RECORD] * 5)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ("[]", "non-empty JSON list"),
+    (json.dumps([RECORD, {"instruction": "x", "input": ""}]), "Record 1 .*missing the field.*output"),
+    (json.dumps([RECORD, "just text"]), "Record 1 .*not a JSON object"),
+    (json.dumps([{"instruction": "x", "input": 3, "output": "y"}]), "Record 0 .*input must be text"),
+    (json.dumps([{"instruction": " ", "input": "", "output": "y"}]), "Record 0 .*empty instruction"),
+])
+def test_malformed_data_names_the_problem(text, message):
+    with pytest.raises(DataError, match=message):
+        ins.parse_instruction_records(text, origin="test.json")
+
+
+def test_data_from_a_local_file(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps([RECORD, {"instruction": "x"}]))
+    with pytest.raises(DataError, match="Record 1"):
+        ins.load_instruction_data(f"file:{path}")
+
+
+# --- encoding and collate -------------------------------------------------------------------
+
+def test_encoding_is_prompt_then_answer_then_end_of_text():
+    tok = ByteTokenizer()
+    ex = ins.encode_example(tok, RECORD)
+    assert ex.ids[-1] == tok.eot_id
+    assert ex.prompt_length == len(ins.format_prompt(RECORD).encode())
+    assert tok.decode(ex.ids[ex.prompt_length:-1]) == RECORD["output"]
+
+
+def test_tokenizer_without_end_of_text_is_refused():
+    class CharTokenizer(ByteTokenizer):
+        kind, eot_id = "char", None
+
+    with pytest.raises(TokenizerError, match="no end-of-text"):
+        ins.encode_example(CharTokenizer(), RECORD)
+
+
+def test_collate_pads_shifts_and_ignores_padding_after_first_eot():
+    eot = 50
+    short = ins.EncodedExample(ids=[1, 2, 3, eot], prompt_length=2)
+    long = ins.EncodedExample(ids=[4, 5, 6, 7, 8, 9, eot], prompt_length=3)
+    inputs, targets = ins.collate_instructions([short, long], pad_id=eot)
+    assert inputs.shape == targets.shape == (2, 6)
+    assert inputs.tolist() == [[1, 2, 3, eot, eot, eot], [4, 5, 6, 7, 8, 9]]
+    # the first end-of-text is a target (learn to stop), the padding after it is ignored
+    assert targets.tolist() == [[2, 3, eot, -100, -100, -100], [5, 6, 7, 8, 9, eot]]
+
+
+def test_collate_can_mask_the_prompt():
+    eot = 50
+    ex = ins.EncodedExample(ids=[1, 2, 3, 10, 11, eot], prompt_length=3)  # prompt = 1 2 3
+    _, targets = ins.collate_instructions([ex], pad_id=eot, mask_prompt=True)
+    # only the answer tokens 10, 11 and the end-of-text are graded
+    assert targets.tolist() == [[-100, -100, 10, 11, eot]]
+
+
+def test_collate_truncates_to_the_context_length():
+    ex = ins.EncodedExample(ids=list(range(20)) + [99], prompt_length=5)
+    inputs, targets = ins.collate_instructions([ex], pad_id=99, context_length=8)
+    assert inputs.shape == targets.shape == (1, 8)
+    assert targets[0].tolist() == list(range(1, 9))
+
+
+# --- answers and the format rate ------------------------------------------------------------
+
+def test_extract_response_from_a_full_generation():
+    full = ins.format_prompt(RECORD) + " The car is a rocket. <|endoftext|>more text"
+    assert ins.extract_response(full) == "The car is a rocket."
+    assert ins.extract_response("just an answer") == "just an answer"
+
+
+@pytest.mark.parametrize("response, stopped, ok, why", [
+    ("The car is as fast as lightning.", True, True, None),
+    ("", True, False, "empty"),
+    ("   ", True, False, "empty"),
+    ("The car is fast and the", False, False, "no end-of-text"),
+    ("Yes.\n\n### Instruction:\nWrite", True, False, "echoes"),
+    ("Below is an instruction that describes", True, False, "echoes"),
+    ("Fast.\n### Response: fast", True, False, "echoes"),
+])
+def test_format_rules_on_hand_made_answers(response, stopped, ok, why):
+    assert ins.follows_format(response, stopped) is ok
+    problems = ins.format_problems(response, stopped)
+    assert (why is None and problems == []) or any(why in p for p in problems)
+
+
+def test_format_rate_is_a_share():
+    assert ins.format_rate([True, False, True, True]) == 0.75
+    assert ins.format_rate([]) == 0.0
