@@ -1,0 +1,19 @@
+"""Glass Box LLM — the entry point: `streamlit run app.py`.
+
+Builds the navigation (Home + one page per stage) and the sidebar that shows the running job on
+every page. Each page is a thin script in `pages/`; everything it computes comes from `core`.
+"""
+
+import streamlit as st
+
+from pages._ui import STAGES, job_sidebar
+
+st.set_page_config(page_title="Glass Box LLM", page_icon="🔍", layout="wide")
+
+home = st.Page("pages/home.py", title="Home", icon="🏠", default=True)
+stage_pages = [st.Page(s.file, title=f"{s.number}. {s.title}", icon=s.icon, url_path=s.slug)
+               for s in STAGES]
+navigation = st.navigation({"Glass Box LLM": [home], "Build a GPT, stage by stage": stage_pages})
+
+job_sidebar()
+navigation.run()

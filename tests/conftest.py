@@ -1,0 +1,60 @@
+"""Shared test fixtures: every test gets its own empty checkpoints and downloads folders.
+
+Data files are found through GLASSBOX_DATA_DIR (CI sets it to ../shared/data); tests never
+write into the repository's data/ or checkpoints/.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("GLASSBOX_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(autouse=True)
+def isolated_workspace(tmp_path, monkeypatch):
+    """Empty checkpoints/ and data/ per test; shared data sets found by file name."""
+    checkpoints = tmp_path / "checkpoints"
+    downloads = tmp_path / "data"
+    checkpoints.mkdir()
+    downloads.mkdir()
+    monkeypatch.setenv("GLASSBOX_CHECKPOINTS_DIR", str(checkpoints))
+    monkeypatch.setenv("GLASSBOX_DOWNLOADS_DIR", str(downloads))
+    monkeypatch.setenv("GLASSBOX_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    _clear_streamlit_caches()
+    yield {"checkpoints": checkpoints, "downloads": downloads, "shared": SHARED_DATA}
+    _stop_leftover_jobs(checkpoints)
+
+
+def _clear_streamlit_caches():
+    # st.cache_resource / cache_data are shared across AppTest instances in one process.
+    try:
+        import streamlit as st
+    except ImportError:
+        return
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _stop_leftover_jobs(checkpoints: Path):
+    """Kill any background job a test left running, so it cannot outlive the test."""
+    import json
+    import signal
+
+    for status in checkpoints.glob("*/status.json"):
+        try:
+            pid = json.loads(status.read_text()).get("pid")
+            if pid:
+                os.killpg(pid, signal.SIGKILL)
+        except (OSError, ValueError, ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("shared data folder not present")
+    return SHARED_DATA
