@@ -31,12 +31,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "judge": ("judge", "score answers with an LLM judge (stage 7)"),
     "bench": ("bench", "measure the speed of this machine and the engine"),
     "job": ("job", "(internal) run a background job's command inside its run folder"),
+    "countdown": ("countdown", "(internal) a tiny resumable job that tests the job machinery"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: python -m core <command> [options]", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items() if name != "job"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items() if not help_.startswith("(internal)")]
     lines += ["", "`python -m core <command> --help` shows a command's options."]
     return "\n".join(lines)
 

@@ -291,6 +291,7 @@ def run_job(run_id: str) -> int:
         runs.clear_stop(run_id)
         runs.write_status(run_id, "stopped", message="Stopped before it started.", pid=None)
         return 0
+    os.environ[runs.JOB_RUN_ID_ENV] = run_id  # lets the command take over the reserved folder
     # SIGTERM (e.g. `kill`, a shutting-down server) asks for a clean stop, like the Stop button.
     signal.signal(signal.SIGTERM, lambda *_: runs.request_stop(run_id))
     runs.write_status(run_id, "running", pid=os.getpid(), pid_start=_process_start(os.getpid()),

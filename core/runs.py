@@ -33,6 +33,7 @@ from typing import Any
 from core.errors import CorruptRunError, RunError, RunExistsError, RunNotFoundError
 from core.paths import checkpoints_dir
 
+JOB_RUN_ID_ENV = "GLASSBOX_JOB_RUN_ID"  # set inside a background job: the run it may take over
 STAGES = ("tokenizer", "import", "pretrain", "classify", "instruct", "judge")
 TERMINAL_STATES = ("stopped", "finished", "failed")
 
@@ -246,11 +247,11 @@ def create_run(run_id: str, stage: str, config: dict, parent: str | None = None,
         if resume:
             return open_run(run_id)
         raise RunExistsError(f"A run named {run_id!r} already exists: choose another name.")
-    if not path.exists():
-        if resume:
-            raise RunNotFoundError(f"There is no run {run_id!r} to resume.")
-        reserve_run(run_id)
-    # The folder exists with no config: reserved by us or by a job started for this command.
+    if resume and not path.exists():
+        raise RunNotFoundError(f"There is no run {run_id!r} to resume.")
+    if os.environ.get(JOB_RUN_ID_ENV) != run_id:
+        reserve_run(run_id)  # atomic: of two sessions creating the same id, one is refused
+    # else: the folder was reserved by start_job for the background job we are running in.
     full = {"stage": stage, "parent": parent, "created": _now(), **config}
     write_json_atomic(path / "config.json", full)
     return open_run(run_id)

@@ -41,15 +41,16 @@ def _clear_streamlit_caches():
 
 def _stop_leftover_jobs(checkpoints: Path):
     """Kill any background job a test left running, so it cannot outlive the test."""
-    import json
     import signal
+
+    from core import jobs
 
     for status in checkpoints.glob("*/status.json"):
         try:
-            pid = json.loads(status.read_text()).get("pid")
-            if pid:
-                os.killpg(pid, signal.SIGKILL)
-        except (OSError, ValueError, ProcessLookupError, PermissionError):
+            state = jobs.job_state(status.parent.name)
+            if state.active and state.alive and state.pid:
+                os.killpg(state.pid, signal.SIGKILL)
+        except Exception:  # noqa: BLE001 - best effort clean-up
             pass
 
 
