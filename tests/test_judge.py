@@ -1,0 +1,464 @@
+"""Stage 7: the judge, through the real `openai` client against a real local HTTP server.
+
+The fake server (tests/fake_openai_server.py) plays every kind of judge: good JSON, fenced JSON,
+prose, nonsense, out-of-range scores, 429 with Retry-After, 500s, replies slower than the timeout,
+a wrong key, an unknown model, no server at all. Waits between retries are recorded, not slept.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core import judge as J
+from core import runs
+from core.errors import DataError, JudgeError
+from tests.fake_openai_server import GOOD_SINGLE, FakeOpenAIServer, free_port
+
+SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
+BAD = json.dumps({"criteria": {"correctness": 5}, "score": 150, "rationale": "too generous"})
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as s:
+        yield s
+
+
+@pytest.fixture
+def rubric():
+    return J.load_rubric()
+
+
+def settings_for(url, **overrides):
+    values = dict(base_url=url, model="judge-model", api_key=SECRET, timeout=5, backoff_s=0.01,
+                  max_attempts=3, parse_attempts=3, max_concurrency=1)
+    values.update(overrides)
+    return J.EndpointSettings(**values)
+
+
+def make_judge(url, tmp_path, rubric, **overrides):
+    waits = []
+    judge = J.Judge(settings_for(url, **overrides), rubric, cache=J.JudgeCache(tmp_path / "cache"),
+                    sleep=waits.append)
+    return judge, waits
+
+
+def grade(judge):
+    return judge.grade("Name the largest planet.", "", "Jupiter is the largest planet.", "Jupiter.")
+
+
+def all_written_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in Path(root).rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------ settings and the rubric
+
+
+def test_settings_hide_the_key_and_check_their_values():
+    s = settings_for("http://user:pw@localhost:1234/v1/")
+    assert SECRET not in repr(s) and SECRET not in json.dumps(s.public())
+    assert s.public()["base_url"] == "http://localhost:1234/v1"  # credentials and the slash dropped
+    for bad in [dict(base_url="localhost:11434"), dict(model=" "), dict(timeout=0),
+                dict(timeout=float("nan")), dict(max_concurrency=0), dict(temperature=-1)]:
+        with pytest.raises(JudgeError):
+            settings_for("http://localhost:1/v1", **bad) if "base_url" not in bad else \
+                J.EndpointSettings(bad["base_url"], "m")
+    assert J.PRESETS["Ollama"].base_url == "http://localhost:11434/v1"
+    assert {"OpenAI", "Ollama", "vLLM", "llama.cpp server", "LM Studio"} <= set(J.PRESETS)
+
+
+def test_rubric_is_frozen_by_its_hash(rubric):
+    path = J.RUBRICS_DIR / "instruction-v1.json"
+    assert rubric.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert rubric.version == "instruction-v1" and "instruction-v1" in J.rubric_versions()
+    assert [c["name"] for c in rubric.criteria] == ["correctness", "instruction_following",
+                                                   "completeness", "concision"]
+    assert (rubric.overall["min"], rubric.overall["max"]) == (0, 100)
+    for bad in ["../instruction-v1", "nope", ""]:
+        with pytest.raises(JudgeError):
+            J.load_rubric(bad)
+
+
+# ------------------------------------------------------------------ reading replies
+
+
+@pytest.mark.parametrize("reply, score, method", [
+    (GOOD_SINGLE, 90, "json"),
+    ("```json\n{\"score\": 70, \"rationale\": \"fine\"}\n```", 70, "fenced json"),
+    ("Here is my verdict: {\"score\": 55, \"criteria\": {\"correctness\": 3}} Hope it helps.", 55,
+     "first json object"),
+    ("The answer is right but long. [[80]]", 80, "[[n]]"),
+    ("85", 85, "bare number"), ("Score: 85/100", 85, "bare number"), (" 0 ", 0, "bare number"),
+])
+def test_replies_that_can_be_read(rubric, reply, score, method):
+    parsed = J.parse_single_reply(reply, rubric)
+    assert parsed["score"] == score and parsed["parse_method"] == method
+
+
+@pytest.mark.parametrize("reply, why", [
+    ("I would rate this answer 85 because it is mostly right, though 2 facts are off.", "no JSON"),
+    ("banana", "no JSON"), ("", "no JSON"),
+    (BAD, "outside 0-100"), ("[[101]]", "outside"), ("-5", "outside"),
+    ('{"score": true}', "not a number"), ('{"score": "high"}', "not a number"),
+    ('{"rationale": "no score"}', "no \"score\""),
+    ('{"score": 50, "criteria": {"correctness": 9}}', "correctness 9 is outside"),
+    ("[[70]] or maybe [[80]]", "no JSON"),
+])
+def test_replies_that_are_never_turned_into_a_number(rubric, reply, why):
+    with pytest.raises(J.ReplyUnreadable, match=why.split()[0]):
+        J.parse_single_reply(reply, rubric)
+
+
+def test_pairwise_replies():
+    assert J.parse_pairwise_reply('{"winner": "B", "rationale": "x"}')["winner"] == "B"
+    assert J.parse_pairwise_reply("Both are fine. [[C]]")["winner"] == "tie"
+    assert J.parse_pairwise_reply("tie")["winner"] == "tie"
+    for bad in ["A is better but B is shorter", '{"winner": "both"}']:
+        with pytest.raises(J.ReplyUnreadable):
+            J.parse_pairwise_reply(bad)
+
+
+def test_retry_after_header_forms():
+    assert J.retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert J.retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < J.retry_after_seconds({"retry-after": date}) <= 31
+    assert J.retry_after_seconds({}) is None and J.retry_after_seconds({"retry-after": "soon"}) is None
+
+
+# ------------------------------------------------------------------ statistics and ROUGE-L
+
+
+def test_rouge_l_is_the_lcs_f1_on_words():
+    assert J.rouge_l("The cat sat.", "the cat sat") == 1.0
+    assert J.rouge_l("dogs bark", "the cat sat") == 0.0
+    assert J.rouge_l("", "x") == 0.0
+    # LCS("the cat on the mat", "the cat sat on the mat") = 5: P = 5/5, R = 5/6, F1 = 10/11
+    assert J.rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(10 / 11)
+    assert J.lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
+
+
+def test_bootstrap_interval_is_seeded_and_sensible():
+    scores = [60, 70, 80, 90, 100, 40, 75]
+    low, high = J.bootstrap_ci(scores)
+    assert low < sum(scores) / len(scores) < high
+    assert J.bootstrap_ci(scores) == [low, high]          # same seed, same interval
+    assert J.bootstrap_ci([50, 50]) == [50.0, 50.0] and J.bootstrap_ci([]) is None
+
+
+@pytest.mark.parametrize("ab, ba, outcome", [
+    ("B", "A", "tuned"), ("A", "B", "base"), ("tie", "tie", "tie"),
+    ("A", "A", "inconsistent"),   # position bias: "the first one" both times
+    ("B", "tie", "inconsistent"),
+])
+def test_pairwise_outcome_cancels_position_bias(ab, ba, outcome):
+    ok = lambda w: {"status": "ok", "winner": w}  # noqa: E731
+    assert J.pairwise_outcome("base", "tuned", ok(ab), ok(ba)) == outcome
+    assert J.pairwise_outcome("base", "tuned", ok("A"), {"status": "failed"}) == "failed"
+
+
+# ------------------------------------------------------------------ the endpoint, for real
+
+
+def test_good_json_asks_for_structured_output(server, tmp_path, rubric):
+    judge, waits = make_judge(server.url, tmp_path, rubric)
+    result = grade(judge)
+    assert result["status"] == "ok" and result["score"] == 90 and result["criteria"]["completeness"] == 4
+    assert result["rubric_sha256"] == rubric.sha256
+    body = server.chat_requests[0]["body"]
+    assert body["response_format"]["type"] == "json_schema" and body["temperature"] == 0
+    assert body["response_format"]["json_schema"]["schema"]["properties"]["score"]["maximum"] == 100
+    assert server.chat_requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert waits == [] and len(server.chat_requests) == 1
+
+
+def test_fenced_json_is_repaired_without_a_retry(tmp_path, rubric):
+    with FakeOpenAIServer(script=["Sure!\n```json\n{\"score\": 64, \"rationale\": \"ok\"}\n```"]) as s:
+        result = grade(make_judge(s.url, tmp_path, rubric)[0])
+        assert (result["score"], result["parse_method"], len(s.chat_requests)) == (64, "fenced json", 1)
+
+
+def test_prose_is_asked_again_with_the_reason(tmp_path, rubric):
+    prose = "I would give it 85 out of 100 since it is right."
+    with FakeOpenAIServer(script=[prose]) as s:
+        result = grade(make_judge(s.url, tmp_path, rubric)[0])
+        assert result["status"] == "ok" and result["score"] == 90 and result["attempts"] == 2
+        retry = s.chat_requests[1]["body"]["messages"]
+        assert retry[-2] == {"role": "assistant", "content": prose}
+        assert "could not be used" in retry[-1]["content"]
+
+
+@pytest.mark.parametrize("reply, reason", [("blah blah, no idea", "no JSON object"), (BAD, "outside 0-100")])
+def test_unreadable_replies_end_as_failed_with_the_raw_reply(tmp_path, rubric, reply, reason):
+    with FakeOpenAIServer(responder=lambda body: reply) as s:
+        judge, _ = make_judge(s.url, tmp_path, rubric)
+        result = grade(judge)
+        assert result["status"] == "failed" and result.get("score") is None
+        assert result["raw_reply"] == reply and reason in result["error"]
+        assert len(s.chat_requests) == 3  # parse_attempts
+        grade(judge)                      # failures are not cached: asked again
+        assert len(s.chat_requests) == 6
+
+
+def test_429_waits_as_long_as_retry_after_says(tmp_path, rubric):
+    script = [{"status": 429, "message": "Rate limit reached", "headers": {"retry-after": "2"}}]
+    with FakeOpenAIServer(script=script) as s:
+        judge, waits = make_judge(s.url, tmp_path, rubric)
+        assert grade(judge)["status"] == "ok"
+        assert waits == [2.0] and len(s.chat_requests) == 2
+
+
+def test_429_asking_for_an_hour_stops_the_evaluation(tmp_path, rubric):
+    script = [{"status": 429, "message": "slow down", "headers": {"retry-after": "3600"}}]
+    with FakeOpenAIServer(script=script) as s:
+        with pytest.raises(J.EndpointUnusable, match="3600"):
+            grade(make_judge(s.url, tmp_path, rubric)[0])
+
+
+def test_500s_back_off_exponentially_then_fail(tmp_path, rubric):
+    with FakeOpenAIServer(responder=lambda body: {"status": 500, "message": "GPU on fire"}) as s:
+        judge, waits = make_judge(s.url, tmp_path, rubric, max_attempts=3, backoff_s=1.0)
+        result = grade(judge)
+        assert result["status"] == "failed" and "500" in result["error"] and "3 tries" in result["error"]
+        assert len(s.chat_requests) == 3 and len(waits) == 2
+        assert 1.0 <= waits[0] <= 1.25 and 2.0 <= waits[1] <= 2.5   # doubling, with jitter
+
+
+def test_one_500_then_success(tmp_path, rubric):
+    with FakeOpenAIServer(script=[{"status": 503, "message": "busy"}]) as s:
+        judge, waits = make_judge(s.url, tmp_path, rubric)
+        assert grade(judge)["status"] == "ok" and len(waits) == 1
+
+
+def test_a_reply_slower_than_the_timeout_is_retried_then_failed(tmp_path, rubric):
+    with FakeOpenAIServer(responder=lambda body: {"content": GOOD_SINGLE, "delay": 1.5}) as s:
+        judge, waits = make_judge(s.url, tmp_path, rubric, timeout=0.3, max_attempts=2)
+        result = grade(judge)
+        assert result["status"] == "failed" and "no reply within 0.3 s" in result["error"]
+        assert len(s.chat_requests) == 2 and len(waits) == 1
+
+
+def test_connection_refused_is_clear_and_immediate(tmp_path, rubric):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    judge, waits = make_judge(url, tmp_path, rubric)
+    with pytest.raises(J.EndpointUnusable, match="connection refused") as info:
+        grade(judge)
+    assert waits == [] and url in str(info.value)
+
+
+def test_wrong_key_and_unknown_model_stop_at_once_without_leaking_the_key(tmp_path, rubric):
+    with FakeOpenAIServer(api_key="sk-the-right-one") as s:  # its 401 echoes the key it was sent
+        with pytest.raises(J.EndpointUnusable, match="refused the API key") as info:
+            grade(make_judge(s.url, tmp_path, rubric)[0])
+        assert SECRET not in str(info.value) and SECRET[-8:] not in str(info.value)
+        assert len(s.chat_requests) == 1
+    with FakeOpenAIServer() as s:
+        with pytest.raises(J.EndpointUnusable, match="does not know the model 'gpt-99'"):
+            grade(make_judge(s.url, tmp_path, rubric, model="gpt-99")[0])
+        assert len(s.chat_requests) == 1
+
+
+def test_server_without_structured_output_falls_back_to_plain_prompts(tmp_path, rubric):
+    with FakeOpenAIServer(reject_response_format=True) as s:
+        judge, _ = make_judge(s.url, tmp_path, rubric)
+        assert grade(judge)["status"] == "ok" and judge.structured is False
+        assert judge.compare("q", "", "r", "a", "b")["status"] == "ok"
+        sent = ["response_format" in r["body"] for r in s.chat_requests]
+        assert sent == [True, False, False]  # asked once, then never again
+
+
+def test_cache_answers_the_second_time_without_a_request(server, tmp_path, rubric):
+    judge, _ = make_judge(server.url, tmp_path, rubric)
+    first, second = grade(judge), grade(judge)
+    assert (first["cached"], second["cached"]) == (False, True) and second["score"] == first["score"]
+    assert len(server.chat_requests) == 1
+    other_model = make_judge(server.url, tmp_path, rubric, api_key="another-key")[0]
+    assert grade(other_model)["cached"] is True           # the key is not part of the cache key
+    assert SECRET.encode() not in all_written_bytes(tmp_path / "cache")
+
+
+def test_connection_test_reports_what_it_saw(tmp_path):
+    with FakeOpenAIServer(models=["judge-model", "other"]) as s:
+        report = J.test_connection(settings_for(s.url))
+        assert report["ok"] and report["model_listed"] and report["models"] == ["judge-model", "other"]
+        missing = J.test_connection(settings_for(s.url, model="nope"))
+        assert not missing["ok"] and "does not know the model 'nope'" in missing["message"]
+    with FakeOpenAIServer(list_models=False, script=["OK"]) as s:
+        report = J.test_connection(settings_for(s.url))
+        assert report["ok"] and report["reply"] == "OK" and "replied 'OK'" in report["message"]
+    with FakeOpenAIServer(api_key="sk-right") as s:
+        report = J.test_connection(settings_for(s.url))
+        assert not report["ok"] and "API key" in report["message"] and SECRET not in json.dumps(report)
+    refused = J.test_connection(settings_for(f"http://127.0.0.1:{free_port()}/v1"))
+    assert not refused["ok"] and "connection refused" in refused["message"]
+
+
+# ------------------------------------------------------------------ whole evaluations
+
+
+def write_stage6_run(run_id="tuned-run", n=4):
+    runs.create_run(run_id, "instruct", {"note": "fake stage-6 run for the judge tests"})
+    records = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}",
+                "base_response": f"bad rambling {i} {i} {i}", "tuned_response": f"GOOD {i}"}
+               for i in range(n)]
+    runs.write_json_atomic(runs.run_dir(run_id) / "responses.json", records)
+    return run_id
+
+
+def fair_judge(body):
+    """Scores GOOD answers 90 and others 20; in pairwise picks the GOOD answer wherever it is."""
+    prompt = body["messages"][1]["content"]
+    if "### Response A:" in prompt:
+        a = prompt.split("### Response A:")[1].split("### Response B:")[0]
+        return json.dumps({"winner": "A" if "GOOD" in a else "B", "rationale": "the right number"})
+    answer = prompt.split("### Response to grade:")[1].split("Criteria:")[0]
+    return json.dumps({"criteria": {"correctness": 5 if "GOOD" in answer else 1}, "rationale": "r",
+                       "score": 90 if "GOOD" in answer else 20})
+
+
+def test_judging_a_stage6_run_single_and_pairwise(tmp_path):
+    source = write_stage6_run()
+    with FakeOpenAIServer(responder=fair_judge) as s:
+        result = J.judge_run("judge-1", settings_for(s.url, max_concurrency=3), source_run=source)
+        assert len(s.chat_requests) == 4 * 2 + 4 * 2   # both answers graded, both orders compared
+    assert result["n"] == 4 and result["failed"] == 0 and result["cached"] == 0
+    assert result["mean_scores"] == {"base": 20.0, "tuned": 90.0} and result["mean_score"] == 90.0
+    assert result["pairwise_win_rate"] == 1.0 and result["ci95"] == [90.0, 90.0]
+    run = runs.open_run("judge-1")
+    assert run.stage == "judge" and run.parent == source and run.state == "finished"
+    records = J.read_judgements("judge-1")
+    assert len(records) == 12 and [r["item"] for r in records] == sorted(r["item"] for r in records)
+    assert all(r["rubric_sha256"] == J.load_rubric().sha256 for r in records)
+    summary = J.read_summary("judge-1")
+    assert summary["pairwise"]["wins"] == 4 and summary["models"]["tuned"]["rouge_l"] == pytest.approx(abs=1e-4, expected=
+        J.rouge_l("GOOD 0", "0"))
+    assert summary["complete"] and summary["models"]["base"]["criteria"]["correctness"] == 1
+
+
+def test_a_position_biased_judge_gets_ties_not_wins(tmp_path):
+    source = write_stage6_run(n=3)
+    with FakeOpenAIServer(responder=lambda body: '{"winner": "A", "rationale": "first is best"}') as s:
+        result = J.judge_run("judge-biased", settings_for(s.url), source_run=source, mode="pairwise")
+    pairwise = J.read_summary("judge-biased")["pairwise"]
+    assert result["pairwise_win_rate"] == 0.0 and pairwise["inconsistent"] == 3 and pairwise["ties"] == 3
+
+
+def test_a_rerun_costs_no_requests_and_failures_are_counted(tmp_path):
+    replies = {"n": 0}
+
+    def sometimes_nonsense(body):
+        replies["n"] += 1
+        return "nonsense" if "walrus" in json.dumps(body) else fair_judge(body)
+
+    with FakeOpenAIServer(responder=sometimes_nonsense) as s:
+        settings = settings_for(s.url, max_concurrency=2)
+        first = J.judge_run("j-a", settings, data="instruction-data-with-response", limit=6)
+        sent = len(s.chat_requests)
+        again = J.judge_run("j-b", settings, data="instruction-data-with-response", limit=6)
+    assert first["n"] == 6 and first["judgements"] == 6 and first["pairwise_win_rate"] is None
+    assert again["cached"] == 6 - again["failed"] and again["mean_score"] == first["mean_score"]
+    assert len(s.chat_requests) == sent + 3 * again["failed"]  # only failures are asked again
+    assert J.read_summary("j-b")["requests"] == 3 * again["failed"]
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
+    source = write_stage6_run(n=5)
+    port = free_port()
+    with FakeOpenAIServer(responder=fair_judge, port=port) as s:
+        J.judge_run("warm", settings_for(s.url), source_run=source, mode="single", limit=2)  # 4 cached
+        url, before = s.url, len(s.chat_requests)
+    # The server is gone (a pulled plug): the run stops at once and says why.
+    with pytest.raises(J.EndpointUnusable):
+        J.judge_run("resumable", settings_for(url), source_run=source, mode="single")
+    assert "connection refused" in J.read_summary("resumable")["error"]
+    with FakeOpenAIServer(responder=fair_judge, port=port) as s:
+        with pytest.raises(JudgeError, match="other settings"):
+            J.judge_run("resumable", settings_for(url), source_run=source, mode="both", resume=True)
+        result = J.judge_run("resumable", settings_for(url), source_run=source, mode="single", resume=True)
+        assert len(s.chat_requests) == 10 - 4   # only the judgements nobody had made yet
+    assert before == 4 and result["judgements"] == 10 and result["cached"] == 4 and result["failed"] == 0
+    assert len(J.read_judgements("resumable")) == 10
+
+
+def test_bad_sources_are_clear(tmp_path):
+    with pytest.raises(DataError, match="holds no model answers"):
+        J.load_items(data="sms-spam")
+    with pytest.raises(JudgeError, match="not both"):
+        J.load_items(run="x", data="eval-example-data")
+    runs.create_run("no-answers", "instruct", {})
+    with pytest.raises(DataError, match="no responses.json"):
+        J.load_items(run="no-answers")
+    runs.write_json_atomic(runs.run_dir("no-answers") / "responses.json", [{"instruction": "x"}])
+    with pytest.raises(DataError, match="lacks output, base_response"):
+        J.load_items(run="no-answers")
+    items, labels = J.load_items(data="eval-example-data")
+    assert len(items) == 100 and labels == ["model 1", "model 2"]
+    with pytest.raises(JudgeError, match="two answers"):
+        J.plan_tasks(J.load_items(data="instruction-data-with-response")[0], ["model_response"], "pairwise")
+
+
+# ------------------------------------------------------------------ the command line and the job
+
+
+def test_cli_and_background_job_never_write_the_key(tmp_path, monkeypatch, capsys):
+    from core.__main__ import main
+    from core import jobs
+
+    checkpoints = Path(os.environ["GLASSBOX_CHECKPOINTS_DIR"])
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeOpenAIServer(responder=fair_judge, api_key=SECRET) as s:
+        argv = ["judge", "--data", "eval-example-data", "--base-url", s.url, "--model", "judge-model",
+                "--limit", "2", "--run-id", "cli-run", "--timeout", "5"]
+        assert main(argv) == 0
+        headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert {"n", "mean_score", "ci95", "failed", "pairwise_win_rate", "cached"} <= set(headline)
+        assert headline["n"] == 2
+        # A wrong key: exit 2 with a clear line, and the server's echo of the key is not repeated.
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET[::-1])
+        assert main(argv[:-4] + ["--limit", "3", "--run-id", "cli-bad"]) == 2
+        err = capsys.readouterr().err
+        assert "refused the API key" in err and SECRET[::-1] not in err
+        monkeypatch.delenv("OPENAI_API_KEY")
+        # The page's way: a background job with the key only in the child's environment.
+        job_argv = ["judge", "--data", "eval-example-data", "--base-url", s.url, "--model", "judge-model",
+                    "--limit", "3", "--run-id", "job-run"]
+        jobs.start_job(job_argv, "job-run", env={"OPENAI_API_KEY": SECRET})
+        deadline = time.time() + 60
+        while jobs.job_state("job-run").active and time.time() < deadline:
+            time.sleep(0.2)
+        state = jobs.job_state("job-run")
+        assert state.state == "finished", state.log_tail
+        assert state.result["n"] == 3
+    written = all_written_bytes(checkpoints)
+    assert SECRET.encode() not in written
+    assert SECRET[::-1].encode() not in written and SECRET[-8:].encode() not in written
+    assert (checkpoints / "job-run" / "job.log").is_file() and (checkpoints / ".judge-cache").is_dir()
+
+
+def test_cli_user_mistakes_exit_2(capsys):
+    from core.__main__ import main
+
+    assert main(["judge", "--data", "sms-spam", "--base-url", "http://127.0.0.1:9/v1",
+                 "--model", "m", "--run-id", "x"]) == 2
+    assert "holds no model answers" in capsys.readouterr().err
+    assert main(["judge", "--data", "eval-example-data", "--base-url", "ftp://x", "--model", "m"]) == 2
+    assert "http://" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="checks the CLI in a real child process")
+def test_cli_in_a_child_process_prints_json_last(tmp_path):
+    with FakeOpenAIServer() as s:
+        env = dict(os.environ, OPENAI_API_KEY=SECRET)
+        out = subprocess.run([sys.executable, "-m", "core", "judge", "--data", "instruction-data-with-response",
+                              "--limit", "2", "--base-url", s.url, "--model", "judge-model", "--run-id", "child"],
+                             env=env, capture_output=True, text=True, timeout=60,
+                             cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["n"] == 2 and last["mean_score"] == 90.0 and "Judged 2/2" in out.stderr
