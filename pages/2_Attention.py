@@ -172,11 +172,21 @@ def check_by_hand(s: dict, h: int, words: list[str]) -> None:
         i = a.selectbox("Query word", range(len(words)), format_func=lambda n: words[n], key="toy_qi")
         j = b.selectbox("Key word", range(len(words)), index=min(1, len(words) - 1),
                         format_func=lambda n: words[n], key="toy_kj")
+        x, w_q = s["X"][i].tolist(), s["W_q"][h, :, 0].tolist()
+        q_first = " + ".join(f"({a_:.1f}×{b_:.1f})" for a_, b_ in zip(x, w_q))
         q, k = s["Q"][h, i].tolist(), s["K"][h, j].tolist()
-        terms = " + ".join(f"({x:.2f}×{y:.2f})" for x, y in zip(q, k))
-        score = sum(x * y for x, y in zip(q, k))
-        st.code(f"score = {terms}\n      = {score:.3f}\nscaled = {score:.3f} × {s['scale']:.3f} "
-                f"= {score * s['scale']:.3f}", language=None)
+        terms = " + ".join(f"({a_:.2f}×{b_:.2f})" for a_, b_ in zip(q, k))
+        score = sum(a_ * b_ for a_, b_ in zip(q, k))
+        row = s["masked"][h, i].tolist()
+        visible = [(n, v) for n, v in enumerate(row) if v != float("-inf")]
+        total = sum(np.exp(v) for _, v in visible)
+        weight = np.exp(row[j]) / total if row[j] != float("-inf") else 0.0
+        st.code(
+            f"Q[{words[i]}, d0] = x · W_q[:, 0] = {q_first} = {q[0]:.2f}\n"
+            f"score  = Q[{words[i]}] · K[{words[j]}] = {terms}\n       = {score:.3f}\n"
+            f"scaled = {score:.3f} × {s['scale']:.3f} = {score * s['scale']:.3f}\n"
+            f"weight = exp(scaled) / sum of exp over the row's {len(visible)} visible scores = {weight:.3f}",
+            language=None)
 
 
 # ------------------------------------------------------------------------------ part 2

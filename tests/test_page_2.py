@@ -90,6 +90,20 @@ def test_controls_change_the_picture_live():
     assert weights_z(at, "toy_weights") != z  # the other head looks elsewhere
 
 
+def test_one_score_checked_by_hand_matches_the_weights_table():
+    from core.attention import attention_steps
+
+    at = page()
+    at.selectbox(key="toy_qi").set_value(2)
+    at.selectbox(key="toy_kj").set_value(4)
+    at.run()
+    assert not at.exception
+    expected = attention_steps(seed=0)
+    shown = at.code[0].value
+    assert f"= {expected['scaled'][0, 2, 4].item():.3f}" in shown
+    assert shown.rstrip().endswith(f"= {expected['weights'][0, 2, 4].item():.3f}")
+
+
 def test_unusable_text_gives_a_clear_error_not_a_traceback():
     at = page()
     at.text_input(key="toy_text").set_value("   ").run()
