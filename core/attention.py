@@ -392,9 +392,10 @@ def model_attention_maps(model, tokenizer, text: str, max_tokens: int = 64):
         raise AttentionInputError("Type some text to see where the model's heads look.")
     limit = min(max_tokens, model.config.context_length)
     ids = ids[:limit]
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        maps = model.attention_maps(torch.tensor([ids], dtype=torch.long))  # (L, H, T, T)
+        maps = model.attention_maps(torch.tensor([ids], dtype=torch.long, device=device))  # (L, H, T, T)
     if maps.dim() == 5:  # (L, B, H, T, T) with a batch of one
         maps = maps[:, 0]
     tokens = [tokenizer.token_text(i) for i in ids]
