@@ -52,7 +52,10 @@ def validate_run_id(run_id: str) -> str:
 
 
 def run_dir(run_id: str) -> Path:
-    return checkpoints_dir() / validate_run_id(run_id)
+    path = checkpoints_dir() / validate_run_id(run_id)
+    if path.is_symlink():  # a planted link could point anywhere on the machine
+        raise RunError(f"checkpoints/{run_id} is a symbolic link; a run must be a real folder.")
+    return path
 
 
 def new_run_id(prefix: str) -> str:
@@ -283,7 +286,7 @@ def list_runs(stage: str | tuple[str, ...] | None = None) -> list[Run]:
     stages = (stage,) if isinstance(stage, str) else stage
     runs = []
     for path in root.iterdir():
-        if not path.is_dir() or not _RUN_ID.fullmatch(path.name) or ".." in path.name:
+        if path.is_symlink() or not path.is_dir() or not _RUN_ID.fullmatch(path.name) or ".." in path.name:
             continue
         if not (path / "config.json").exists():
             continue  # reserved by a job that has not written its config yet
@@ -302,9 +305,6 @@ def delete_run(run_id: str) -> None:
     path = run_dir(run_id)
     if not path.is_dir():
         raise RunNotFoundError(f"There is no run {run_id!r}.")
-    if path.is_symlink():
-        path.unlink()
-        return
     shutil.rmtree(path)
 
 
