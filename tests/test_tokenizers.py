@@ -251,6 +251,7 @@ def test_save_load_round_trip(tmp_path, small_bpe, kind):
     b'{"kind": "bpe"}',
     b'{"kind": "bpe", "merges": [[300, 1]]}',
     b'{"kind": "bpe", "merges": [["a", "b"]]}',
+    b'{"kind": "bpe", "merges": [[1, 2], [1, 2]]}',
     b'{"kind": "bpe", "merges": [[1, 2]], "pattern": "("}',
     b'{"kind": "char", "vocab": [1, 2]}',
     b'{"kind": "char", "vocab": ["a", "b"]}',
