@@ -508,9 +508,30 @@ class Judge:
         self.cache = cache if cache is not None else JudgeCache()
         self.sleep = sleep                  # tests pass a recorder to check the waits
         self.client = client or make_client(settings)
-        self.structured = True              # switched off once if the server refuses json_schema
+        # How we ask for JSON, best first; a server that refuses one form gets the next from then on.
+        # json_schema: OpenAI, Ollama, vLLM, LM Studio, llama.cpp's llama-server;
+        # json_object + schema: llama-cpp-python's server (it rejects json_schema with a 422).
+        self.format_level = 0
         self.requests_sent = 0
         self._lock = threading.Lock()
+
+    FORMATS = ("json_schema", "json_object", "plain prompt")
+
+    @property
+    def structured(self) -> bool:
+        """Whether the server still gets a response_format (False once it refused both forms)."""
+        return self.format_level < 2
+
+    @property
+    def output_format(self) -> str:
+        return self.FORMATS[self.format_level]
+
+    def _response_format(self, schema_name: str, schema: dict) -> dict | None:
+        if self.format_level == 0:
+            return {"type": "json_schema", "json_schema": {"name": schema_name, "strict": True, "schema": schema}}
+        if self.format_level == 1:
+            return {"type": "json_object", "schema": schema}
+        return None
 
     # -- one HTTP request, with the transient-error policy -----------------------------------
     def _backoff(self, attempt: int, exc) -> float:
@@ -527,14 +548,15 @@ class Judge:
         """The text of one chat completion; raises RequestFailed or EndpointUnusable."""
         attempt = 0
         while True:
-            sent_format = self.structured and schema is not None
+            level = self.format_level
+            response_format = self._response_format(schema_name, schema) if schema is not None else None
+            sent_format = response_format is not None
             request = {"model": self.settings.model, "messages": messages,
                        "temperature": self.settings.temperature}
             if self.settings.max_tokens:
                 request["max_tokens"] = self.settings.max_tokens
             if sent_format:
-                request["response_format"] = {"type": "json_schema", "json_schema": {
-                    "name": schema_name, "strict": True, "schema": schema}}
+                request["response_format"] = response_format
             attempt += 1
             with self._lock:
                 self.requests_sent += 1
@@ -543,7 +565,8 @@ class Judge:
             except Exception as exc:  # noqa: BLE001 — every failure is classified below
                 action, message = classify_error(exc, self.settings, sent_format)
                 if action == "drop-format":
-                    self.structured = False  # plain prompt + repair-parsing from now on
+                    with self._lock:   # another thread may have stepped down already
+                        self.format_level = max(self.format_level, level + 1)
                     attempt -= 1
                     continue
                 if action == "fatal":
@@ -979,7 +1002,7 @@ def judge_run(run_id: str, settings: EndpointSettings, source_run: str | None = 
         summary.update(run_id=run_id, mode=mode, labels=labels, total=total,
                        complete=not stopped and error is None and len(records) == total,
                        stopped=stopped, error=error, requests=judge.requests_sent,
-                       structured_output=judge.structured,
+                       structured_output=judge.output_format,
                        rubric={"version": rubric.version, "sha256": rubric.sha256},
                        judge=settings.public(), seconds=round(time.perf_counter() - started, 2))
         runs.write_json_atomic(run.path / SUMMARY_FILE, summary)

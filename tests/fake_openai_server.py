@@ -120,9 +120,14 @@ class FakeOpenAIServer:
         if body.get("model") not in self.models:
             return self._send(handler, 404, {"error": {
                 "message": f"The model `{body.get('model')}` does not exist.", "code": "model_not_found"}})
-        if self.reject_response_format and "response_format" in body:
-            return self._send(handler, 400, {"error": {
-                "message": "response_format of type json_schema is not supported by this server"}})
+        # reject_response_format: True refuses any response_format; "json_schema" refuses only that
+        # type (like llama-cpp-python's server, which takes {"type": "json_object", "schema": ...}).
+        refused = self.reject_response_format
+        if refused not in (False, True):
+            refused = (body.get("response_format") or {}).get("type") == refused
+        if refused and "response_format" in body:
+            return self._send(handler, 400 if self.reject_response_format is True else 422, {"error": {
+                "message": "response_format of this type is not supported by this server"}})
         with self._lock:
             reply = self.script.pop(0) if self.script else None
         if reply is None:

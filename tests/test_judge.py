@@ -269,8 +269,17 @@ def test_server_without_structured_output_falls_back_to_plain_prompts(tmp_path, 
         judge, _ = make_judge(s.url, tmp_path, rubric)
         assert grade(judge)["status"] == "ok" and judge.structured is False
         assert judge.compare("q", "", "r", "a", "b")["status"] == "ok"
-        sent = ["response_format" in r["body"] for r in s.chat_requests]
-        assert sent == [True, False, False]  # asked once, then never again
+        sent = [(r["body"].get("response_format") or {}).get("type") for r in s.chat_requests]
+        assert sent == ["json_schema", "json_object", None, None]  # each form tried once, then never again
+
+
+def test_server_that_only_takes_json_object_gets_the_schema_that_way(tmp_path, rubric):
+    with FakeOpenAIServer(reject_response_format="json_schema") as s:   # llama-cpp-python's server
+        judge, _ = make_judge(s.url, tmp_path, rubric)
+        assert grade(judge)["status"] == "ok" and judge.output_format == "json_object"
+        last = s.chat_requests[-1]["body"]["response_format"]
+        assert last["schema"]["required"] == ["criteria", "score", "rationale"]
+        assert [r["body"]["response_format"]["type"] for r in s.chat_requests] == ["json_schema", "json_object"]
 
 
 def test_cache_answers_the_second_time_without_a_request(server, tmp_path, rubric):
@@ -462,3 +471,12 @@ def test_cli_in_a_child_process_prints_json_last(tmp_path):
     assert out.returncode == 0, out.stderr
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["n"] == 2 and last["mean_score"] == 90.0 and "Judged 2/2" in out.stderr
+
+
+def test_a_stop_request_ends_the_evaluation_early_and_keeps_what_is_done(tmp_path, rubric):
+    items, labels = J.load_items(data="eval-example-data")
+    with FakeOpenAIServer() as s:
+        judge, _ = make_judge(s.url, tmp_path, rubric)
+        records, stopped = J.evaluate(judge, items[:10], labels, "single", should_stop=lambda: True)
+    assert stopped and 1 <= len(records) < 20 and len(s.chat_requests) == len(records)
+    assert all(r["status"] == "ok" for r in records)

@@ -1,0 +1,110 @@
+"""Stage 7 page: renders with nothing configured; shows a finished judge run's results."""
+
+import json
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from core import judge as J
+from core import runs
+from tests.fake_openai_server import FakeOpenAIServer
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "7_Judge.py")
+SECRET = "sk-page-test-SECRET-abcdef123456"
+
+
+def page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=30)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def all_text(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [i.value for i in at.info] + [e.value for e in at.error]
+    parts += [c.value for c in at.caption] + [h.value for h in at.header] + [w.value for w in at.warning]
+    parts += [s.value for s in at.success]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_page_renders_with_nothing_configured():
+    at = page()
+    text = all_text(at)
+    assert "Stage 7" in at.title[0].value
+    assert at.text_input(key="judge_base_url").value == "http://localhost:11434/v1"  # Ollama preset
+    assert at.text_input(key="judge_api_key").value == ""
+    assert J.load_rubric().sha256[:16] in text                      # the rubric shown with its hash
+    assert "finish stage 6 first" not in text                        # no run: data sets offered
+    assert "No judge run yet" in text and not at.error
+    at.selectbox(key="judge_preset").set_value("LM Studio").run()
+    assert at.text_input(key="judge_base_url").value == "http://localhost:1234/v1"
+
+
+def test_connection_button_reports_what_it_saw():
+    with FakeOpenAIServer() as s:
+        at = page()
+        at.selectbox(key="judge_preset").set_value("Custom").run()
+        at.text_input(key="judge_base_url").set_value(s.url)
+        at.text_input(key="judge_model").set_value("judge-model")
+        at.text_input(key="judge_api_key").set_value(SECRET)
+        at.button(key="judge_test").click().run()
+        assert not at.exception
+        assert any("Connected" in m.value for m in at.success)
+        at.text_input(key="judge_base_url").set_value("localhost:1").run()
+        at.button(key="judge_test").click().run()
+        assert any("http://" in e.value for e in at.error)
+
+
+def test_finished_judge_run_shows_table_charts_and_downloads():
+    runs.create_run("tuned", "instruct", {})
+    runs.write_json_atomic(runs.run_dir("tuned") / "responses.json", [
+        {"instruction": f"Say <b>{i}</b>", "input": "", "output": str(i),
+         "base_response": "no idea", "tuned_response": f"GOOD {i}"} for i in range(3)])
+    with FakeOpenAIServer() as s:
+        settings = J.EndpointSettings(s.url, "judge-model", api_key=SECRET, max_concurrency=1)
+        J.judge_run("judge-done", settings, source_run="tuned")
+    at = page()
+    text = all_text(at)
+    assert at.selectbox(key="judge_show").value == "judge-done"
+    assert at.radio(key="judge_source_kind").value == "A stage-6 run"
+    table = at.dataframe[-1].value
+    assert len(table) == 9 and set(table["kind"]) == {"single", "pairwise"}
+    assert list(table[table["kind"] == "single"]["score"].unique()) == [90.0]
+    assert "Say <b>0</b>" in set(table["instruction"])      # shown as text by the table, not HTML
+    keys = [c.proto.id for c in at.get("plotly_chart")]
+    assert any("judge_hist" in k for k in keys) and any("judge_pairwise" in k for k in keys)
+    assert any("judge_rouge" in k for k in keys)
+    assert "orders disagree" in text.lower() and "from the cache" in text
+    assert len(at.get("download_button")) == 2
+    assert any("finished" in m.value for m in at.markdown)
+    # The raw replies are there on demand.
+    assert any(json.loads(c.value).get("score") == 90 for c in at.code if c.value.startswith("{\"criteria"))
+
+
+def test_start_button_runs_a_job_that_never_writes_the_key(isolated_workspace):
+    import time
+
+    from core import jobs
+
+    with FakeOpenAIServer(api_key=SECRET) as s:
+        at = page()
+        at.selectbox(key="judge_preset").set_value("Custom").run()
+        at.text_input(key="judge_base_url").set_value(s.url)
+        at.text_input(key="judge_model").set_value("judge-model")
+        at.text_input(key="judge_api_key").set_value(SECRET)
+        at.radio(key="judge_source_kind").set_value("A data set")
+        at.run()
+        at.selectbox(key="judge_source_data").set_value("eval-example-data")
+        at.number_input(key="judge_limit").set_value(2)
+        at.text_input(key="judge_new_id").set_value("from-page")
+        at.button(key="judge_start").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        deadline = time.time() + 60
+        while jobs.job_state("from-page").active and time.time() < deadline:
+            time.sleep(0.3)
+        assert jobs.job_state("from-page").state == "finished", jobs.job_state("from-page").log_tail
+        at.run()
+    assert at.selectbox(key="judge_show").value == "from-page"
+    assert len(at.dataframe[-1].value) == 2 * 2 + 2   # two answers graded + one comparison per item
+    written = b"".join(p.read_bytes() for p in isolated_workspace["checkpoints"].rglob("*") if p.is_file())
+    assert SECRET.encode() not in written
