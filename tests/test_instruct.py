@@ -10,14 +10,7 @@ from core.errors import DataError, GlassBoxError, TokenizerError
 from core.tasks import instruct as ins
 
 SHARED_DATA = os.environ.get("GLASSBOX_DATA_DIR") or "/work/shared/data"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path, monkeypatch):
-    # conftest.py (lead) does this too; kept here so this file also runs on its own
-    monkeypatch.setenv("GLASSBOX_CHECKPOINTS_DIR", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("GLASSBOX_DOWNLOADS_DIR", str(tmp_path / "downloads"))
-    monkeypatch.setenv("GLASSBOX_DATA_DIR", SHARED_DATA)
+# conftest.py gives every test empty checkpoints/ and data/ folders and finds the shared data.
 
 
 class ByteTokenizer:
@@ -170,3 +163,133 @@ def test_format_rules_on_hand_made_answers(response, stopped, ok, why):
 def test_format_rate_is_a_share():
     assert ins.format_rate([True, False, True, True]) == 0.75
     assert ins.format_rate([]) == 0.0
+
+
+# --- a tiny model: training, the answers file, the command line --------------------------
+
+TOY_RECORDS = [
+    {"instruction": f"Say the word number {n}.", "input": "" if n % 2 else f"word {n}",
+     "output": f"Word {n}."}
+    for n in range(60)
+]
+
+
+def make_start_run(run_id="start", preset="tiny"):
+    """A tiny untrained GPT with a small BPE, stored as a stage-4 run."""
+    from core import runs
+    from core.model import GPT, preset_config, save_model_run
+    from core.tokenizers import train_bpe
+
+    text = " ".join(ins.format_example(r) for r in TOY_RECORDS)
+    tokenizer = train_bpe(text, 300)
+    torch.manual_seed(0)
+    model = GPT(preset_config(preset, tokenizer.vocab_size, context_length=96))
+    runs.create_run(run_id, "pretrain", {})
+    save_model_run(run_id, model, tokenizer)
+    return model, tokenizer
+
+
+def toy_data_file(tmp_path):
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps(TOY_RECORDS))
+    return f"file:{path}"
+
+
+def test_tiny_model_learns_the_format_and_writes_responses(tmp_path):
+    from core import runs
+    from core.train import TrainConfig
+
+    make_start_run()
+    settings = ins.InstructSettings(data=toy_data_file(tmp_path), eval_limit=3, max_new_tokens=10,
+                                    mask_prompt=True)  # grading the answer only: learnt in 40 steps
+    config = TrainConfig(max_steps=40, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                         eval_every=20, sample_every=20, log_every=5, checkpoint_every=100)
+    result = ins.run_instruct("tuned", "start", settings, config)
+
+    metrics = runs.open_run("tuned").metrics()
+    assert metrics[-1]["train_loss"] < 0.5 * metrics[0]["train_loss"]  # the loss falls
+    assert result["val_loss"] is not None and result["val_loss"] < metrics[0]["train_loss"]
+    assert result["format_rate_start"] == 0.0          # an untrained model never stops in time
+    assert result["format_rate_tuned"] > result["format_rate_start"]
+
+    folder = runs.run_dir("tuned")
+    responses = json.loads((folder / "responses.json").read_text())
+    assert len(responses) == 3
+    for key in ("instruction", "input", "output", "base_response", "tuned_response"):
+        assert all(key in r for r in responses)
+    rates = json.loads((folder / "format_rates.json").read_text())
+    assert rates["start"] == result["format_rate_start"] and rates["n"] == 3
+    assert runs.open_run("tuned").config["parent"] == "start"
+    assert runs.open_run("tuned").samples()  # answers to the validation instruction over time
+
+
+def test_batches_are_a_function_of_the_step():
+    model, tokenizer = make_start_run()
+    splits = ins.split_records(TOY_RECORDS)
+    task = ins.InstructionTask(tokenizer, splits, context_length=96)
+    a = task.get_batch("train", 3, 8)
+    b = task.get_batch("train", 3, 8)
+    c = task.get_batch("train", 4, 8)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    # one epoch covers every training example exactly once
+    n = len(splits["train"])
+    seen = [tuple(x) for step in range(n) for x in task.get_batch("train", step, 1)[0].tolist()]
+    assert len(set(seen)) == n
+
+
+def test_cli_reports_both_rates_and_refuses_bad_input(tmp_path, capsys):
+    from core.__main__ import main
+
+    make_start_run()
+    argv = ["instruct", "--from", "start", "--data", toy_data_file(tmp_path), "--steps", "3",
+            "--eval-limit", "2", "--max-new-tokens", "4", "--run-id", "cli"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("run_id", "val_loss", "format_rate_start", "format_rate_tuned", "seconds", "train_loss"):
+        assert key in result
+    assert result["run_id"] == "cli"
+
+    assert main(argv) == 2  # the run id is taken
+    assert "already exists" in capsys.readouterr().err
+    assert main(argv[:2] + ["nope"] + argv[3:-1] + ["cli2"]) == 2
+    assert "nope" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{\"instruction\": \"x\"}]")
+    assert main(argv[:4] + [f"file:{bad}"] + argv[5:-1] + ["cli3"]) == 2
+    assert "Record 0" in capsys.readouterr().err
+
+
+def test_start_run_must_be_a_language_model(tmp_path):
+    from core import runs
+    from core.errors import RunError
+
+    runs.create_run("tok", "tokenizer", {})
+    with pytest.raises(RunError, match="pre-trained"):
+        ins.load_start_model("tok")
+
+
+def test_empty_instruction_is_refused():
+    model, tokenizer = make_start_run()
+    with pytest.raises(GlassBoxError, match="Type an instruction"):
+        ins.generate_answer(model, tokenizer, {"instruction": "  ", "input": ""})
+
+
+def test_stop_and_resume(tmp_path, monkeypatch):
+    from core import runs
+    from core.train import TrainConfig
+
+    make_start_run()
+    settings = ins.InstructSettings(data=toy_data_file(tmp_path), eval_limit=2, max_new_tokens=4)
+    config = TrainConfig(max_steps=10, batch_size=4, lr=1e-3, warmup_steps=2, eval_every=5,
+                         sample_every=5, log_every=1, checkpoint_every=100)
+    # as inside a background job: the id is reserved first, and Stop was pressed at once
+    monkeypatch.setenv(runs.JOB_RUN_ID_ENV, "r")
+    runs.reserve_run("r")
+    runs.request_stop("r")
+    stopped = ins.run_instruct("r", "start", settings, config)
+    assert stopped["stopped"] and stopped["format_rate_tuned"] is None
+    assert not (runs.run_dir("r") / "responses.json").exists()
+    runs.clear_stop("r")
+    done = ins.run_instruct("r", "start", settings, config, resume=True)
+    assert done["steps"] == 10 and not done["stopped"]
+    assert (runs.run_dir("r") / "responses.json").exists()

@@ -278,11 +278,9 @@ def _generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eot_id: int
     prompt_ids = prompt_ids[-keep:] if len(prompt_ids) > keep else prompt_ids
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    if temperature <= 0:
-        temperature, top_k, top_p = 1.0, 1, None   # top-1 sampling is greedy decoding
-    with torch.no_grad():
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, eos_id=eot_id, use_cache=True)
+    # temperature 0 is greedy decoding; the KV cache makes each new token cost one position
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, eos_id=eot_id, use_cache=True)  # (1, T + new)
     new_ids = out[0, idx.shape[1]:].tolist()
     if eot_id in new_ids:
         new_ids = new_ids[:new_ids.index(eot_id) + 1]
@@ -311,3 +309,287 @@ def generate_answer(model, tokenizer, entry: dict, max_new_tokens: int = 128,
     text = tokenizer.decode(text_ids).strip()
     return Answer(text=text, stopped=stopped, new_tokens=len(new_ids),
                   problems=format_problems(text, stopped))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The training task for the shared loop (core/train.py)
+# ---------------------------------------------------------------------------------------------
+
+from core.train import TrainTask  # noqa: E402  (after the pure parts above, which need no model)
+
+
+class InstructionTask(TrainTask):
+    """What stage 6 changes in the shared loop: the batches (template + collate) and the samples.
+
+    Batches are a function of the step alone: the training set is shuffled once per epoch with
+    `seed + epoch`, and step `s` takes the next `batch_size` examples of that order. So a resumed
+    run sees exactly the batches it would have seen without the interruption.
+    """
+
+    def __init__(self, tokenizer, splits: dict[str, list[dict]], context_length: int,
+                 mask_prompt: bool = False, seed: int = 1337, eval_batch_size: int = 8,
+                 sample_tokens: int = 64):
+        self.tokenizer = tokenizer
+        self.eot_id = require_end_of_text(tokenizer)
+        self.splits = splits
+        self.encoded = {name: [encode_example(tokenizer, r) for r in part]
+                        for name, part in splits.items()}
+        self.context_length = context_length
+        self.mask_prompt = mask_prompt
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size
+        self.sample_tokens = sample_tokens
+        # a fixed validation instruction, answered at every sample step: the page shows it change
+        self.sample_entry = splits["val"][0]
+
+    def collate(self, examples: list[EncodedExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate_instructions(examples, pad_id=self.eot_id,
+                                    context_length=self.context_length,
+                                    mask_prompt=self.mask_prompt)
+
+    def _epoch_order(self, split: str, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.encoded[split]), generator=g).tolist()
+
+    def get_batch(self, split, step, batch_size, generator=None):
+        examples = self.encoded[split]
+        n = len(examples)
+        picked = []
+        for position in range(step * batch_size, (step + 1) * batch_size):
+            epoch, offset = divmod(position, n)
+            if offset == 0 or not picked:  # a new epoch (or the first pick): its order
+                order = self._epoch_order(split, epoch)
+            picked.append(examples[order[offset]])
+        return self.collate(picked)  # (B, T), (B, T)
+
+    def loss(self, model, inputs, targets):
+        _, loss = model(inputs, targets, ignore_index=IGNORE_INDEX)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        """Mean loss over the whole validation split (graded tokens only)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        examples = self.encoded["val"]
+        for start in range(0, len(examples), self.eval_batch_size):
+            inputs, targets = self.collate(examples[start:start + self.eval_batch_size])
+            inputs, targets = inputs.to(device), targets.to(device)
+            graded = int((targets != IGNORE_INDEX).sum())
+            if graded == 0:
+                continue
+            total += float(self.loss(model, inputs, targets)) * graded
+            count += graded
+        model.train(was_training)
+        return {"val_loss": total / count if count else float("nan")}
+
+    def sample(self, model) -> str | None:
+        answer = generate_answer(model, self.tokenizer, self.sample_entry,
+                                 max_new_tokens=self.sample_tokens)
+        return answer.text + ("" if answer.stopped else " …")
+
+    def tokens_in_batch(self, inputs) -> int:
+        return int(inputs.numel())
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Side by side on the test split, and the whole stage as one call
+# ---------------------------------------------------------------------------------------------
+
+RESPONSES_FILE = "responses.json"          # what stage 7 reads
+FORMAT_RATES_FILE = "format_rates.json"
+BASE_ANSWERS_FILE = "base_answers.json"    # the starting model's answers, kept for resume
+
+
+def answer_all(model, tokenizer, records: list[dict], max_new_tokens: int,
+               progress=None, label: str = "model") -> list[Answer]:
+    """Greedy answers (KV cache) of one model to every record."""
+    answers = []
+    for number, record in enumerate(records, 1):
+        answers.append(generate_answer(model, tokenizer, record, max_new_tokens=max_new_tokens))
+        if progress and (number % 10 == 0 or number == len(records)):
+            progress(f"{label}: answered {number}/{len(records)} test instructions")
+    return answers
+
+
+def _answer_to_dict(answer: Answer) -> dict:
+    return {"text": answer.text, "stopped": answer.stopped, "new_tokens": answer.new_tokens,
+            "problems": answer.problems}
+
+
+def _answer_from_dict(d: dict) -> Answer:
+    return Answer(text=d["text"], stopped=d["stopped"], new_tokens=d["new_tokens"],
+                  problems=list(d["problems"]))
+
+
+def side_by_side(records: list[dict], base: list[Answer], tuned: list[Answer]) -> list[dict]:
+    """The records of `responses.json`: instruction, input, reference output, both answers."""
+    return [
+        {
+            "instruction": r["instruction"], "input": r["input"], "output": r["output"],
+            "base_response": b.text, "tuned_response": t.text,
+            "base_follows_format": b.follows_format, "tuned_follows_format": t.follows_format,
+            "base_problems": b.problems, "tuned_problems": t.problems,
+        }
+        for r, b, t in zip(records, base, tuned)
+    ]
+
+
+def read_responses(run_id: str) -> list[dict]:
+    """The side-by-side records saved by a finished instruction run ([] if none yet)."""
+    from core import runs
+
+    path = runs.run_dir(run_id) / RESPONSES_FILE
+    return runs.read_json(path) if path.exists() else []
+
+
+def read_format_rates(run_id: str) -> dict | None:
+    from core import runs
+
+    path = runs.run_dir(run_id) / FORMAT_RATES_FILE
+    return runs.read_json(path) if path.exists() else None
+
+
+@dataclass
+class InstructSettings:
+    """Everything `run_instruct` needs besides the run ids (stored in the run's config.json)."""
+
+    data: str = "instruction-data"
+    mask_prompt: bool = False
+    eval_limit: int | None = None      # answer only the first N test instructions (None: all)
+    max_new_tokens: int = 96           # token budget per answer in the side-by-side
+    split_seed: int | None = None      # None: the book's sequential split
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_start_model(run_id: str):
+    """A language model to start from: a stage-4 (pretrain) run or an imported GPT-2."""
+    from core import runs
+    from core.errors import RunError
+    from core.model import load_model_run
+
+    run = runs.open_run(run_id)
+    if run.stage not in ("pretrain", "import", "instruct"):
+        raise RunError(
+            f"Run {run_id!r} is a {run.stage!r} run; start instruction tuning from a pre-trained "
+            "(stage 4) run or an imported GPT-2."
+        )
+    model, tokenizer, config = load_model_run(run_id)
+    require_end_of_text(tokenizer)
+    return model, tokenizer
+
+
+def run_instruct(run_id: str, from_run: str, settings: InstructSettings, train_config,
+                 resume: bool = False, device=None, progress=None) -> dict:
+    """Stage 6 end to end: answers of the start model, tuning, answers of the tuned model.
+
+    Writes into `checkpoints/<run_id>/`: the usual training files (metrics, samples, weights,
+    resume state), `base_answers.json`, and — once training ends without a stop request —
+    `responses.json` and `format_rates.json`. Returns the headline figures.
+    """
+    from core import runs
+    from core.model import save_model_run
+    from core.train import train
+
+    say = progress or (lambda message: None)
+    started = time.time()
+    model, tokenizer = load_start_model(from_run)
+    if device is not None:
+        model.to(device)
+    splits = split_records(load_instruction_data(settings.data), seed=settings.split_seed)
+    test = splits["test"][: settings.eval_limit] if settings.eval_limit else splits["test"]
+    if settings.max_new_tokens < 1:
+        raise GlassBoxError("The token budget per answer must be at least 1.")
+
+    config = {"from": from_run, "instruct": settings.to_dict(),
+              "train": dict(train_config.__dict__),
+              "model": model.config.to_dict(), "tokenizer": getattr(tokenizer, "kind", None),
+              "splits": {name: len(part) for name, part in splits.items()}}
+    runs.create_run(run_id, "instruct", config, parent=from_run, resume=resume)
+    folder = runs.run_dir(run_id)
+    if not resume or not (folder / "model.safetensors").exists():
+        save_model_run(run_id, model, tokenizer)  # tokenizer.json + start weights (overwritten)
+
+    # 1. the starting model on the test split (kept, so a resumed run needn't redo it)
+    base_file = folder / BASE_ANSWERS_FILE
+    base_saved = runs.read_json(base_file) if base_file.exists() else None
+    if base_saved and base_saved.get("n") == len(test) and \
+            base_saved.get("max_new_tokens") == settings.max_new_tokens:
+        base_answers = [_answer_from_dict(d) for d in base_saved["answers"]]
+    else:
+        say(f"Answering {len(test)} test instructions with the starting model {from_run} …")
+        base_answers = answer_all(model, tokenizer, test, settings.max_new_tokens, say, "start")
+        runs.write_json_atomic(base_file, {
+            "n": len(test), "max_new_tokens": settings.max_new_tokens,
+            "format_rate": format_rate([a.follows_format for a in base_answers]),
+            "answers": [_answer_to_dict(a) for a in base_answers]})
+    rate_start = format_rate([a.follows_format for a in base_answers])
+    say(f"Format-following rate of the starting model: {rate_start:.0%}")
+
+    # 2. instruction tuning with the shared loop
+    task = InstructionTask(tokenizer, splits, model.config.context_length,
+                           mask_prompt=settings.mask_prompt, seed=train_config.seed,
+                           sample_tokens=min(64, settings.max_new_tokens))
+    summary = train(run_id, model, task, train_config, resume=resume, device=device,
+                    progress=progress)
+    result = {"run_id": run_id, "steps": summary.get("steps"),
+              "train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss"),
+              "format_rate_start": rate_start, "format_rate_tuned": None,
+              "stopped": bool(summary.get("stopped"))}
+    if result["stopped"]:
+        say("Stopped: resume the run to finish tuning and to compare the answers.")
+        result["seconds"] = round(time.time() - started, 1)
+        return result
+
+    # 3. the tuned model on the same test instructions, side by side with the start
+    say(f"Answering {len(test)} test instructions with the tuned model …")
+    tuned_answers = answer_all(model, tokenizer, test, settings.max_new_tokens, say, "tuned")
+    rate_tuned = format_rate([a.follows_format for a in tuned_answers])
+    runs.write_json_atomic(folder / RESPONSES_FILE, side_by_side(test, base_answers, tuned_answers))
+    runs.write_json_atomic(folder / FORMAT_RATES_FILE, {
+        "start": rate_start, "tuned": rate_tuned, "n": len(test),
+        "max_new_tokens": settings.max_new_tokens, "from": from_run,
+        "rules": "non-empty; ends with end-of-text before the token budget; no template echo"})
+    say(f"Format-following rate: start {rate_start:.0%} → tuned {rate_tuned:.0%}")
+    result["format_rate_tuned"] = rate_tuned
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. For the page: the two models of a run, and one instruction answered by both
+# ---------------------------------------------------------------------------------------------
+
+def load_comparison_models(run_id: str, device=None):
+    """(start model, tuned model, tokenizer) of an instruction run, both in eval mode."""
+    from core import runs
+    from core.errors import RunError
+    from core.model import load_model_run
+
+    run = runs.open_run(run_id)
+    if run.stage != "instruct":
+        raise RunError(f"Run {run_id!r} is not an instruction-tuning run.")
+    if not run.has_weights():
+        raise RunError(f"Run {run_id!r} has no weights yet: wait for its first checkpoint.")
+    start_id = run.config.get("from") or run.parent
+    try:
+        base_model, _, _ = load_model_run(start_id, device=device)
+    except RunError as e:
+        raise RunError(f"The starting run {start_id!r} of {run_id!r} cannot be opened: {e}") from None
+    tuned_model, tokenizer, _ = load_model_run(run_id, device=device)
+    require_end_of_text(tokenizer)
+    return base_model, tuned_model, tokenizer
+
+
+def answer_both(base_model, tuned_model, tokenizer, entry: dict, max_new_tokens: int = 96,
+                temperature: float = 0.0, top_k: int | None = None) -> dict[str, Answer]:
+    """One instruction answered by the starting and the tuned model, with the same settings."""
+    entry = {"instruction": entry.get("instruction", ""), "input": entry.get("input", "") or "",
+             "output": entry.get("output", "")}
+    return {name: generate_answer(model, tokenizer, entry, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_k=top_k)
+            for name, model in (("base", base_model), ("tuned", tuned_model))}
