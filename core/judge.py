@@ -29,6 +29,7 @@ import email.utils
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import threading
@@ -89,6 +90,9 @@ class EndpointSettings:
         if not re.match(r"^https?://[^/\s]+", self.base_url):
             raise JudgeError(f"The judge base URL must start with http:// or https:// "
                              f"(for example http://localhost:11434/v1), got {redact_url(self.base_url)!r}.")
+        if "@" in urlsplit(self.base_url).netloc:
+            raise JudgeError("Put the password or key in the API key field, not in the base URL "
+                             "(a URL is stored with the run; the key never is).")
         if not self.model:
             raise JudgeError("Name the judge model (for example gpt-4o-mini, or llama3.2 for Ollama).")
         if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
@@ -493,7 +497,7 @@ class JudgeCache:
     def put(self, key: str, record: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
         tmp.replace(path)  # atomic: a crash leaves the old file or none, never half of one
 

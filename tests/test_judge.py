@@ -61,9 +61,13 @@ def all_written_bytes(root: Path) -> bytes:
 
 
 def test_settings_hide_the_key_and_check_their_values():
-    s = settings_for("http://user:pw@localhost:1234/v1/")
+    s = settings_for("http://localhost:1234/v1/")
     assert SECRET not in repr(s) and SECRET not in json.dumps(s.public())
-    assert s.public()["base_url"] == "http://localhost:1234/v1"  # credentials and the slash dropped
+    assert s.public()["base_url"] == "http://localhost:1234/v1"
+    with pytest.raises(JudgeError, match="API key field") as info:
+        settings_for("http://user:hunter2@localhost:1234/v1")   # credentials never ride in the URL
+    assert "hunter2" not in str(info.value)
+    assert J.redact_url("https://u:p@host:8/v1") == "https://host:8/v1"
     for bad in [dict(base_url="localhost:11434"), dict(model=" "), dict(timeout=0),
                 dict(timeout=float("nan")), dict(max_concurrency=0), dict(temperature=-1)]:
         with pytest.raises(JudgeError):
