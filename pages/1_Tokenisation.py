@@ -71,7 +71,11 @@ corpus = st.selectbox("Corpus", text_sources, index=text_sources.index("python-d
 upload = st.file_uploader("…or upload your own text file (UTF-8)", type=["txt", "md", "csv", "text"])
 if upload is not None:
     try:
-        corpus = data.save_upload(upload.name, upload.getvalue())
+        saved = st.session_state.get("tok-upload")  # (file id, source name): store each upload once
+        if not saved or saved[0] != upload.file_id:
+            saved = (upload.file_id, data.save_upload(upload.name, upload.getvalue()))
+            st.session_state["tok-upload"] = saved
+        corpus = saved[1]
         st.success(f"Using your upload as the corpus: {corpus}")
     except GlassBoxError as error:
         show_error(error)
