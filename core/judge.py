@@ -445,8 +445,9 @@ def classify_error(exc, settings: EndpointSettings, sent_format: bool) -> tuple[
         return "retry", f"the connection to the judge at {where} failed"
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         # The server's own text is left out on purpose: OpenAI's echoes part of the key.
-        return "fatal", (f"The judge at {where} refused the API key ({exc.status_code}). Check the key "
-                         "(for a local server any non-empty key will do).")
+        return "fatal", (f"The judge at {where} refused the API key ({exc.status_code}"
+                         + (", or the key may not use this model" if exc.status_code == 403 else "")
+                         + "). Check the key (for a local server any non-empty key will do).")
     if isinstance(exc, openai.NotFoundError):
         return "fatal", (f"The judge at {where} does not know the model {settings.model!r}, or the base URL "
                          f"is wrong (404: {server_says}). Use 'Test connection' to list its models; "
@@ -530,10 +531,11 @@ class Judge:
     def output_format(self) -> str:
         return self.FORMATS[self.format_level]
 
-    def _response_format(self, schema_name: str, schema: dict) -> dict | None:
-        if self.format_level == 0:
+    @staticmethod
+    def _response_format(schema_name: str, schema: dict, level: int) -> dict | None:
+        if level == 0:
             return {"type": "json_schema", "json_schema": {"name": schema_name, "strict": True, "schema": schema}}
-        if self.format_level == 1:
+        if level == 1:
             return {"type": "json_object", "schema": schema}
         return None
 
@@ -549,17 +551,21 @@ class Judge:
         return min(self.settings.max_backoff_s, wait * random.uniform(1.0, 1.25))  # jitter spreads threads
 
     def chat(self, messages: list[dict], schema_name: str, schema: dict | None) -> str:
-        """The text of one chat completion; raises RequestFailed or EndpointUnusable."""
+        """The text of one chat completion; raises RequestFailed or EndpointUnusable.
+
+        A 400/422 while asking for structured output is tried again with the next, plainer form;
+        the server keeps that form only if the request then succeeds (a 400 for another reason,
+        such as a prompt longer than the context, must not switch structured output off for good).
+        """
         attempt = 0
+        level = self.format_level
         while True:
-            level = self.format_level
-            response_format = self._response_format(schema_name, schema) if schema is not None else None
-            sent_format = response_format is not None
+            response_format = self._response_format(schema_name, schema, level) if schema is not None else None
             request = {"model": self.settings.model, "messages": messages,
                        "temperature": self.settings.temperature}
             if self.settings.max_tokens:
                 request["max_tokens"] = self.settings.max_tokens
-            if sent_format:
+            if response_format is not None:
                 request["response_format"] = response_format
             attempt += 1
             with self._lock:
@@ -567,10 +573,9 @@ class Judge:
             try:
                 completion = self.client.chat.completions.create(**request)
             except Exception as exc:  # noqa: BLE001 — every failure is classified below
-                action, message = classify_error(exc, self.settings, sent_format)
+                action, message = classify_error(exc, self.settings, response_format is not None)
                 if action == "drop-format":
-                    with self._lock:   # another thread may have stepped down already
-                        self.format_level = max(self.format_level, level + 1)
+                    level += 1          # the same request in a plainer form; not a retry
                     attempt -= 1
                     continue
                 if action == "fatal":
@@ -581,6 +586,9 @@ class Judge:
                 if action == "retry":
                     message += f" (gave up after {attempt} tries)"
                 raise RequestFailed(message) from None
+            if schema is not None:
+                with self._lock:        # this form works: use it from now on (threads agree on the max)
+                    self.format_level = max(self.format_level, level)
             try:
                 return completion.choices[0].message.content or ""
             except (AttributeError, IndexError, TypeError):

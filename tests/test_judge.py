@@ -277,6 +277,17 @@ def test_server_without_structured_output_falls_back_to_plain_prompts(tmp_path, 
         assert sent == ["json_schema", "json_object", None, None]  # each form tried once, then never again
 
 
+def test_a_400_for_another_reason_does_not_switch_structured_output_off(tmp_path, rubric):
+    too_long = {"status": 400, "message": "prompt is longer than the context window"}
+    with FakeOpenAIServer(script=[too_long] * 3) as s:
+        judge, _ = make_judge(s.url, tmp_path, rubric)
+        failed = grade(judge)
+        assert failed["status"] == "failed" and "longer than the context" in failed["error"]
+        assert grade(judge)["status"] == "ok" and judge.output_format == "json_schema"
+        sent = [(r["body"].get("response_format") or {}).get("type") for r in s.chat_requests]
+        assert sent == ["json_schema", "json_object", None, "json_schema"]
+
+
 def test_server_that_only_takes_json_object_gets_the_schema_that_way(tmp_path, rubric):
     with FakeOpenAIServer(reject_response_format="json_schema") as s:   # llama-cpp-python's server
         judge, _ = make_judge(s.url, tmp_path, rubric)
@@ -460,8 +471,18 @@ def test_cli_user_mistakes_exit_2(capsys):
     assert main(["judge", "--data", "sms-spam", "--base-url", "http://127.0.0.1:9/v1",
                  "--model", "m", "--run-id", "x"]) == 2
     assert "holds no model answers" in capsys.readouterr().err
-    assert main(["judge", "--data", "eval-example-data", "--base-url", "ftp://x", "--model", "m"]) == 2
-    assert "http://" in capsys.readouterr().err
+    base = ["judge", "--data", "eval-example-data", "--model", "m", "--run-id", "y"]
+    for extra, says in [(["--base-url", "ftp://x"], "http://"),
+                        (["--base-url", "http://127.0.0.1:9/v1", "--timeout", "-1"], "timeout"),
+                        (["--base-url", "http://127.0.0.1:9/v1", "--concurrency", "0"], "between 1 and 32"),
+                        (["--base-url", "http://127.0.0.1:9/v1", "--limit", "0"], "--limit"),
+                        (["--base-url", "http://127.0.0.1:9/v1", "--run-id", "../up"], "not a valid run id"),
+                        (["--base-url", "http://127.0.0.1:9/v1", "--rubric", "../../etc/passwd"], "not a rubric")]:
+        assert main(base + extra) == 2
+        assert says in capsys.readouterr().err
+    assert main(["judge", "--run", "a", "--data", "eval-example-data", "--base-url", "http://x/v1",
+                 "--model", "m"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="checks the CLI in a real child process")
