@@ -98,8 +98,10 @@ STATE_ICONS = {"queued": "⏳", "reserved": "⏳", "running": "🏃", "stopping"
                "finished": "✅", "failed": "❌", "unknown": "❔"}
 
 
-def job_controls(run_id: str, key: str) -> jobs.JobState | None:
-    """The state of a run's job with Stop / Resume buttons; error and log tail if it failed."""
+def job_controls(run_id: str, key: str, resume_env: dict | None = None) -> jobs.JobState | None:
+    """The state of a run's job with Stop / Resume buttons; error and log tail if it failed.
+
+    `resume_env` adds variables to a resumed job's environment (e.g. the judge's API key)."""
     try:
         state = jobs.job_state(run_id)
     except GlassBoxError as e:
@@ -114,7 +116,7 @@ def job_controls(run_id: str, key: str) -> jobs.JobState | None:
         st.rerun()
     if state.state in ("stopped", "failed") and state.argv and cols[2].button("Resume", key=f"{key}-resume"):
         try:
-            jobs.resume_job(run_id)
+            jobs.resume_job(run_id, env=resume_env)
         except GlassBoxError as e:
             show_error(e)
         else:
