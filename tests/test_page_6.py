@@ -1,0 +1,92 @@
+"""Page 6 (instruction fine-tuning) renders with no runs, and with a finished run side by side."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core import runs
+from core.tasks import instruct as ins
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Instructions.py")
+
+TOY_RECORDS = [
+    {"instruction": f"Say the word number {n}.", "input": "" if n % 2 else f"word <b>{n}</b>",
+     "output": f"Word {n}."}
+    for n in range(40)
+]
+
+
+def page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=30)
+
+
+def all_markdown(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A tiny start run and a finished (3-step) instruction run made from it."""
+    from core.model import GPT, preset_config, save_model_run
+    from core.tokenizers import train_bpe
+    from core.train import TrainConfig
+
+    tokenizer = train_bpe(" ".join(ins.format_example(r) for r in TOY_RECORDS), 280)
+    torch.manual_seed(0)
+    runs.create_run("start", "pretrain", {})
+    save_model_run("start", GPT(preset_config("tiny", tokenizer.vocab_size)), tokenizer)
+    data = tmp_path / "toy.json"
+    data.write_text(json.dumps(TOY_RECORDS))
+    settings = ins.InstructSettings(data=f"file:{data}", eval_limit=3, max_new_tokens=4)
+    config = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, eval_every=3, sample_every=3,
+                         log_every=1, checkpoint_every=10)
+    ins.run_instruct("tuned", "start", settings, config)
+    runs.write_status("tuned", "finished")
+    return "tuned"
+
+
+def test_page_without_runs_explains_what_to_do():
+    at = page().run()
+    assert not at.exception
+    assert any("Stage 6" in t.value for t in at.title)
+    assert any("No pre-trained model yet" in i.value for i in at.info)
+    assert any("Honest expectations" in i.value for i in at.info)
+    # the data section shows the book's split and the template
+    assert [m.value for m in at.metric] == ["935", "55", "110"]
+    assert "### Response:" in at.code[0].value
+
+
+def test_page_shows_a_finished_run_side_by_side(finished_run):
+    at = page().run()
+    assert not at.exception, at.exception
+    assert not at.error
+    assert at.selectbox(key="instruct_start").value == "start"
+    assert at.selectbox(key="instruct_shown").value == "tuned"
+    text = all_markdown(at)
+    for header in ("instruction", "reference", "pre-trained", "instruction-tuned"):
+        assert f"<th>{header}</th>" in text
+    # record inputs are escaped, never rendered as HTML
+    assert "word &lt;b&gt;" in text and "<b>3" not in text
+    assert "✗" in text  # the untrained start model never stops in 4 tokens
+    rates = [m for m in at.metric if m.label.startswith("Pre-trained")]
+    assert rates and rates[0].value.endswith("%")
+
+
+def test_own_instruction_empty_and_answered(finished_run):
+    at = page().run()
+    at.text_area[0].set_value("   ")
+    at.button[-1].click()  # the form's "Ask both models"
+    at.run()
+    assert any("Type an instruction first" in e.value for e in at.error)
+
+    at.text_area[0].set_value("Name a <colour>.")
+    at.slider[-1].set_value(8)
+    at.button[-1].click()
+    at.run()
+    assert not at.exception and not at.error
+    text = all_markdown(at)
+    assert "Name a &lt;colour&gt;." in text
+    assert "<td>you</td>" in text
