@@ -300,6 +300,16 @@ def distributed_context():
     return dist.get_rank(), dist.get_world_size()
 
 
+def configure_threads() -> int:
+    """One thread per physical core, shared out between the processes `torchrun` put on this machine."""
+    from core import device
+
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_processes > 1 and not os.environ.get("GLASSBOX_THREADS"):
+        return device.configure_threads(max(1, device.physical_cores() // local_processes))
+    return device.configure_threads()
+
+
 def batch_generator(seed: int, step: int) -> torch.Generator:
     """The random stream that draws the batch of `step`: a pure function of (seed, step)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
@@ -500,7 +510,7 @@ def train(run_id: str, model: torch.nn.Module, task: TrainTask, config: TrainCon
     Returns a summary: steps, tokens, train_loss, val_loss, tokens_per_s, seconds, stopped
     (and whatever else the last evaluation reported, e.g. val_accuracy).
     """
-    from core.device import configure_threads, pick_device
+    from core.device import pick_device
 
     check_config(config)
     task.check(config)

@@ -113,12 +113,12 @@ def run(args) -> dict:
     import torch
 
     from core import data, runs
-    from core.device import configure_threads, pick_device
+    from core.device import pick_device
     from core.errors import TrainingError
     from core.model import GPT, GPTConfig, preset_config, save_model_run
     from core.tasks.pretrain import LanguageModelTask, encode_corpus
     from core.tokenizers import load_tokenizer, tokenizer_from_spec
-    from core.train import train
+    from core.train import configure_threads, train
 
     configure_threads()
     rank = int(os.environ.get("RANK", "0"))
@@ -172,5 +172,7 @@ def run(args) -> dict:
     device = pick_device(args.device) if args.device else None
     result = train(run_id, model, task, config, resume=args.resume, device=device,
                    progress=_progress_printer(args))
+    if rank != 0:  # every process returns; only rank 0 reports (its JSON is the last line)
+        sys.stdout = open(os.devnull, "w")
     return {"run_id": run_id, **result, "parameters": model.num_parameters(),
             "wall_s": round(time.perf_counter() - _T_START, 2)}
