@@ -1,0 +1,321 @@
+"""Stage 5: spam/ham data, padding, the classification head, freezing, training and results."""
+
+import json
+import os
+from pathlib import Path
+import pytest
+import torch
+
+from core.errors import DataError, GlassBoxError
+from core.tasks import classify as C
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+# ------------------------------------------------------------------------------------- data
+
+
+def test_sms_file_has_all_messages_by_plain_line_split():
+    examples = C.load_sms_examples("sms-spam")
+    assert len(examples) == 5574
+    assert C.class_counts(examples) == {"ham": 4827, "spam": 747}
+
+
+def test_balancing_and_split_sizes():
+    examples = C.load_sms_examples("sms-spam")
+    balanced = C.balance_classes(examples)
+    assert C.class_counts(balanced) == {"ham": 747, "spam": 747}
+    parts = C.split_examples(balanced)
+    assert {k: len(v) for k, v in parts.items()} == {"train": 1045, "val": 149, "test": 300}
+    # Every balanced message lands in exactly one split.
+    texts = [e.text for part in parts.values() for e in part]
+    assert sorted(texts) == sorted(e.text for e in balanced)
+    # A fixed seed: the same split every time.
+    again = C.split_examples(C.balance_classes(C.load_sms_examples("sms-spam")))
+    assert [e.text for e in again["test"]] == [e.text for e in parts["test"]]
+
+
+def test_balance_keeps_smaller_class_whole():
+    ex = [C.Example(f"h{i}", 0) for i in range(10)] + [C.Example(f"s{i}", 1) for i in range(3)]
+    balanced = C.balance_classes(ex, seed=1)
+    assert C.class_counts(balanced) == {"ham": 3, "spam": 3}
+    assert {e.text for e in balanced if e.label == 1} == {"s0", "s1", "s2"}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("ham\thello\nspam no tab here\n", "line 2"),
+    ("ham\thello\nmaybe\tsomething\n", "unknown label 'maybe'"),
+    ("ham\thello\nham\tagain\n", "no 'spam' messages"),
+    ("", "empty"),
+    ("\n\n", "no messages"),
+])
+def test_malformed_sms_file_names_the_problem(tmp_path, text, fragment):
+    path = tmp_path / "bad.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=fragment):
+        C.load_sms_examples(f"file:{path}")
+
+
+def test_wrong_kind_of_data_source_is_refused():
+    with pytest.raises(DataError, match="not a labelled SMS"):
+        C.load_sms_examples("tinyshakespeare")
+
+
+def test_pad_or_truncate_and_last_token_index():
+    assert C.pad_or_truncate([5, 6, 7], 5, pad_id=0) == ([5, 6, 7, 0, 0], 2)
+    assert C.pad_or_truncate([5, 6, 7, 8, 9, 10], 4, pad_id=99) == ([5, 6, 7, 8], 3)
+    assert C.pad_or_truncate([], 3, pad_id=9) == ([9, 9, 9], 0)
+    with pytest.raises(GlassBoxError):
+        C.pad_or_truncate([1], 0, pad_id=0)
+
+
+class CharTokenizer:
+    """A minimal tokenizer for tests: one id per character (a-z, space), no end-of-text token."""
+
+    kind = "char"
+    eot_id = None
+    vocab_size = 28
+
+    def encode(self, text):
+        return [1 + min(ord(c.lower()) - 97, 26) if c.isalpha() else 27 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(96 + i) for i in ids)
+
+
+def test_encode_examples_pads_with_zero_without_eot_and_counts_truncation():
+    ex = [C.Example("abc", 0), C.Example("abcdefgh", 1)]
+    split = C.encode_examples(ex, CharTokenizer(), length=5)
+    assert split.ids.shape == (2, 5)
+    assert split.ids[0].tolist() == [1, 2, 3, 0, 0]
+    assert split.last_index.tolist() == [2, 4]
+    assert split.labels.tolist() == [0, 1]
+    assert split.truncated == 1
+
+
+def test_pad_length_is_longest_training_message_capped_at_context():
+    ex = [C.Example("a" * 7, 0), C.Example("a" * 3, 1)]
+    assert C.choose_pad_length(ex, CharTokenizer(), context_length=16) == 7
+    assert C.choose_pad_length(ex, CharTokenizer(), context_length=4) == 4
+    assert C.choose_pad_length(ex, CharTokenizer(), context_length=16, requested=5) == 5
+    with pytest.raises(GlassBoxError, match="longer than the model's context"):
+        C.choose_pad_length(ex, CharTokenizer(), context_length=4, requested=5)
+
+
+def test_confusion_matrix_counts_true_by_predicted():
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    preds = torch.tensor([0, 1, 1, 1, 0])
+    assert C.confusion_matrix(labels, preds) == [[1, 1], [1, 2]]
+
+
+# ------------------------------------------------------------------------------------- model
+
+import shutil  # noqa: E402
+
+from core import runs  # noqa: E402
+from core.model import GPT, GPTConfig, save_model_run  # noqa: E402
+from core.tokenizers import train_char  # noqa: E402
+
+TINY = dict(context_length=48, n_embd=32, n_head=2, n_layer=2)
+
+
+def tiny_model(vocab_size=40, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, **TINY))
+
+
+def test_freeze_modes_leave_the_right_parameters_trainable():
+    def trainable(freeze):
+        model = C.make_classifier(tiny_model(), freeze)
+        return {name for name, p in model.named_parameters() if p.requires_grad}, model
+
+    head, model = trainable("head")
+    assert head == {"lm_head.weight", "lm_head.bias"}
+    assert model.lm_head.weight.shape == (2, 32)
+    assert model.lm_head.weight is not model.wte.weight  # the new head is not tied to the embedding
+
+    last, _ = trainable("last-block")
+    assert last == head | {n for n in last if n.startswith("blocks.1.")} | {"ln_f.weight", "ln_f.bias"}
+    assert any(n.startswith("blocks.1.attn") for n in last)
+    assert not any(n.startswith("blocks.0.") or n.startswith("wte") or n.startswith("wpe") for n in last)
+
+    everything, model = trainable("all")
+    assert everything == {name for name, _ in model.named_parameters()}
+    assert C.trainable_parameters(model)[0] == C.trainable_parameters(model)[1]
+
+    with pytest.raises(GlassBoxError, match="Unknown freeze mode"):
+        C.make_classifier(tiny_model(), "middle")
+
+
+def test_prediction_reads_the_last_real_token_only():
+    model = C.make_classifier(tiny_model(), "all").eval()
+    ids = torch.tensor([[5, 6, 7, 1, 1, 1], [8, 9, 10, 11, 12, 13]])
+    last = torch.tensor([2, 5])
+    logits = C.classify_logits(model, ids, last)
+    assert logits.shape == (2, 2)
+    # Different padding after the last real token: same answer (the model is causal).
+    repadded = ids.clone()
+    repadded[0, 3:] = torch.tensor([30, 31, 32])
+    assert torch.allclose(C.classify_logits(model, repadded, last), logits, atol=1e-6)
+    # The same message alone, with no padding at all: same answer too.
+    alone = C.classify_logits(model, ids[:1, :3], torch.tensor([2]))
+    assert torch.allclose(alone, logits[:1], atol=1e-5)
+    # A real token changed: a different answer.
+    changed = ids.clone()
+    changed[0, 1] = 20
+    assert not torch.allclose(C.classify_logits(model, changed, last)[0], logits[0])
+
+
+def small_sms_data(tokenizer, length=24):
+    ex = C.balance_classes(C.load_sms_examples("sms-spam"))
+    parts = C.split_examples(ex)
+    splits = {k: C.encode_examples(v, tokenizer, length) for k, v in parts.items()}
+    return C.SmsData(splits, length, C.pad_id_for(tokenizer))
+
+
+def test_task_batches_are_deterministic_packed_and_trimmed():
+    tokenizer = train_char(C.load_sms_examples.__doc__ + "abcdefghijklmnopqrstuvwxyz0123456789")
+    task = C.ClassificationTask(small_sms_data(tokenizer))
+    x1, y1 = task.get_batch("train", 7, 8, torch.Generator().manual_seed(1))
+    x2, y2 = task.get_batch("train", 7, 8, torch.Generator().manual_seed(99))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)  # depends on the step only
+    ids, last = task.unpack(x1)
+    assert ids.shape[0] == 8 and ids.shape[1] == int(last.max()) + 1 <= 24
+    assert task.tokens_in_batch(x1) == int((last + 1).sum())
+    # One pass over the 1,045 training messages (65 batches of 16) visits each message once.
+    seen = torch.cat([task.batch_rows("train", s, 16) for s in range(1045 // 16)])
+    assert len(set(seen.tolist())) == len(seen) == 1040
+
+
+# --------------------------------------------------------------------------- runs (shared set-up)
+
+
+def make_start_run(run_id="start"):
+    tokenizer = train_char("".join(e.text for e in C.load_sms_examples("sms-spam")))
+    model = tiny_model(tokenizer.vocab_size, seed=1)
+    runs.create_run(run_id, "pretrain", {"data": "sms-spam"})
+    save_model_run(run_id, model, tokenizer)
+    return run_id
+
+
+FAST = dict(batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=10, checkpoint_every=10)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A start run and a classifier fine-tuned from it for 30 steps, built once for this file."""
+    root = tmp_path_factory.mktemp("classify-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GLASSBOX_CHECKPOINTS_DIR", str(root))
+        mp.setenv("GLASSBOX_DATA_DIR", os.environ.get("GLASSBOX_DATA_DIR") or str(SHARED_DATA))
+        make_start_run()
+        headline = C.fine_tune("spam", "start", freeze="all",
+                               train_config=C.default_train_config(max_steps=30, **FAST))
+    return root, headline
+
+
+@pytest.fixture
+def with_runs(trained, isolated_workspace):
+    root, headline = trained
+    for run in root.iterdir():
+        shutil.copytree(run, isolated_workspace["checkpoints"] / run.name)
+    return headline
+
+
+def test_fine_tune_loss_falls_and_results_are_written(with_runs):
+    headline = with_runs
+    assert set(headline) >= {"run_id", "train_accuracy", "val_accuracy", "test_accuracy",
+                             "train_loss", "val_loss", "test_loss", "seconds"}
+    run = runs.open_run("spam")
+    assert run.stage == "classify" and run.parent == "start"
+    assert run.config["classifier"]["freeze"] == "all" and run.config["classifier"]["pad_length"] == 48
+    assert run.config["classifier"]["counts"]["split"] == {"train": 1045, "val": 149, "test": 300}
+    assert run.state == "finished"
+    evals = [m for m in run.metrics() if "val_loss" in m]
+    assert [m["step"] for m in evals] == [10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert {"val_accuracy", "train_accuracy"} <= set(evals[-1])
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["test_accuracy"] == headline["test_accuracy"] > 0.6  # well above chance (0.5)
+    matrix = results["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 300
+    assert results["misclassified_count"] == matrix[0][1] + matrix[1][0] == len(results["misclassified"])
+    assert abs((matrix[0][0] + matrix[1][1]) / 300 - results["test_accuracy"]) < 1e-4
+    for row in results["misclassified"]:
+        assert row["label"] != row["predicted"] and isinstance(row["text"], str)
+
+
+def test_saved_classifier_loads_and_reproduces_test_accuracy(with_runs):
+    model, tokenizer, config = C.load_classifier_run("spam")
+    assert model.lm_head.out_features == 2
+    data = C.prepare_sms_data(tokenizer, 48, max_length=config["classifier"]["pad_length"])
+    result = C.evaluate_split(model, data.splits["test"])
+    assert abs(result["accuracy"] - with_runs["test_accuracy"]) < 1e-4
+
+
+def test_classify_text_gives_probabilities_that_sum_to_one(with_runs):
+    probs = C.classify_text("spam", "WINNER!! Call 09061701461 now to claim your £900 prize")
+    assert set(probs) == {"ham", "spam"}
+    assert abs(sum(probs.values()) - 1) < 1e-5 and all(0 <= p <= 1 for p in probs.values())
+    long = C.classify_message("spam", "see you at the station later " * 10)
+    assert long["truncated"] and long["used_tokens"] == 48 and long["tokens"] == 290
+    assert abs(sum(long["probabilities"].values()) - 1) < 1e-5
+    with pytest.raises(DataError, match="Type a message"):
+        C.classify_text("spam", "   ")
+    with pytest.raises(GlassBoxError, match="not a classifier"):
+        C.classify_text("start", "hello")
+
+
+def test_wrong_start_runs_are_refused_clearly(with_runs):
+    with pytest.raises(GlassBoxError, match="'classify' run"):
+        C.fine_tune("again", "spam", train_config=C.default_train_config(max_steps=1))
+    with pytest.raises(GlassBoxError, match="no run 'missing'"):
+        C.fine_tune("again", "missing", train_config=C.default_train_config(max_steps=1))
+    with pytest.raises(GlassBoxError, match="already exists"):
+        C.fine_tune("spam", "start", train_config=C.default_train_config(max_steps=1))
+    with pytest.raises(GlassBoxError, match="longer than the model's context"):
+        C.fine_tune("again", "start", max_length=500, train_config=C.default_train_config(max_steps=1))
+    assert not runs.run_dir("again").exists()  # nothing half-made is left behind
+
+
+def test_random_start_keeps_shape_and_tokenizer_but_not_weights(with_runs):
+    pre, tok_pre = C.load_start_model("start")
+    rnd, tok_rnd = C.load_start_model(*C.parse_start("random:start"))
+    assert tok_pre.to_dict() == tok_rnd.to_dict()
+    assert pre.config == rnd.config
+    assert not torch.equal(pre.wte.weight, rnd.wte.weight)
+
+
+def test_stop_and_resume_matches_a_straight_run(with_runs):
+    config = dict(max_steps=8, **{**FAST, "eval_every": 4, "checkpoint_every": 4})
+    straight = C.fine_tune("straight", "start", freeze="last-block", max_length=16,
+                           train_config=C.default_train_config(**config))
+
+    def stop_at_4(record):
+        if record.get("step") == 4:
+            runs.request_stop("paused")
+
+    first = C.fine_tune("paused", "start", freeze="last-block", max_length=16, progress=stop_at_4,
+                        train_config=C.default_train_config(**config))
+    assert first["stopped"] and first["steps"] == 4
+    assert runs.read_status("paused")["state"] == "stopped"
+    resumed = C.fine_tune("paused", resume=True, train_config=C.default_train_config(**config))
+    assert resumed["steps"] == 8 and not resumed["stopped"]
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], abs=1e-4)
+
+
+def test_cli_prints_the_contract_keys(with_runs, capsys):
+    from core.__main__ import main
+
+    code = main(["classify", "--from", "random:start", "--steps", "3", "--freeze", "head",
+                 "--run-id", "cli-run", "--max-length", "16"])
+    assert code == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["run_id"] == "cli-run"
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert 0 <= last[key] <= 1
+    assert {"train_loss", "val_loss", "test_loss", "seconds"} <= set(last)
+    assert runs.open_run("cli-run").config["classifier"]["random_init"] is True
+    code = main(["classify", "--from", "start", "--steps", "3", "--run-id", "x", "--freeze", "most"])
+    assert code == 2
+    code = main(["classify", "--steps", "3", "--run-id", "y"])
+    assert code == 2 and "--from" in capsys.readouterr().err

@@ -1,0 +1,131 @@
+"""Stage 5 page: renders with no runs, and with finished classifier runs (results, own message,
+side by side)."""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core import runs
+from core.model import GPT, GPTConfig, save_model_run
+from core.tasks import classify as C
+from core.tokenizers import train_char
+from core.train import model_tensors
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "5_Classification.py")
+TINY = dict(context_length=32, n_embd=16, n_head=2, n_layer=1)
+HTML_MESSAGE = "<b>WIN</b> a prize & call now"
+
+
+def page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=30)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def all_text(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [i.value for i in at.info] + [e.value for e in at.error]
+    parts += [c.value for c in at.caption] + [h.value for h in at.header] + [h.value for h in at.subheader]
+    parts += [w.value for w in at.warning] + [s.value for s in at.success]
+    return "\n".join(str(p) for p in parts)
+
+
+def make_start_run(run_id="base"):
+    tokenizer = train_char("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'£&<>/")
+    torch.manual_seed(0)
+    runs.create_run(run_id, "pretrain", {"data": "tinyshakespeare"})
+    save_model_run(run_id, GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **TINY)), tokenizer)
+    return tokenizer
+
+
+def make_finished_classifier(run_id, tokenizer, random_init=False, test_accuracy=0.9):
+    """A classifier run as `fine_tune` leaves it (weights, config, metrics, results), made quickly."""
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, **TINY)
+    model = C.make_classifier(GPT(config), "last-block")
+    info = {"labels": list(C.LABELS), "num_classes": 2, "freeze": "last-block", "random_init": random_init,
+            "start_run": "base", "data": "sms-spam", "pad_length": 32, "pad_id": tokenizer.eot_id,
+            "trainable_parameters": 4000, "parameters": 9000}
+    run = runs.create_run(run_id, "classify", {"model": config.to_dict(), "classifier": info}, parent="base")
+    runs.save_tensors(run.path / "model.safetensors", model_tensors(model))
+    tokenizer.save(run.path / "tokenizer.json")
+    for step in (10, 20):
+        runs.append_jsonl(run.path / "metrics.jsonl", {
+            "step": step, "train_loss": 0.7 - step / 100, "val_loss": 0.65 - step / 100,
+            "val_accuracy": 0.6 + step / 100, "train_accuracy": 0.62 + step / 100})
+    wrong = 300 - round(test_accuracy * 300)
+    results = {"labels": ["ham", "spam"], "train_accuracy": 0.95, "val_accuracy": 0.92,
+               "test_accuracy": test_accuracy, "train_loss": 0.2, "val_loss": 0.25, "test_loss": 0.3,
+               "confusion_matrix": [[137 - wrong, wrong], [0, 163]], "misclassified_count": wrong,
+               "misclassified": [{"text": HTML_MESSAGE, "label": "ham", "predicted": "spam", "p_spam": 0.8}]
+               * wrong, "steps": 20, "stopped": False, "seconds": 3.0}
+    runs.write_json_atomic(run.path / "results.json", results)
+    runs.write_status(run_id, "finished", message="Finished.")
+
+
+def test_page_with_no_runs_explains_what_to_do_first():
+    at = page()
+    text = all_text(at)
+    assert "No pre-trained model yet" in text
+    assert "python -m core pretrain" in text
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["ham (raw)"] == "4,827" and metrics["spam (raw)"] == "747"
+    assert (metrics["train"], metrics["validation"], metrics["test"]) == ("1045", "149", "300")
+    assert not at.button  # no start form without a start run
+
+
+def test_page_with_a_start_run_starts_a_job_with_the_chosen_settings():
+    make_start_run()
+    at = page()
+    assert "No pre-trained model yet" not in all_text(at)
+    at.radio[0].set_value("random")  # starting weights
+    at.radio[1].set_value("head")  # what learns
+    at.number_input[0].set_value(2.0)
+    at.text_input[0].set_value("from-page")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    job = json.loads((runs.run_dir("from-page") / "job.json").read_text())
+    argv = job["argv"]
+    assert argv[:3] == ["classify", "--from", "base"]
+    assert "--random-init" in argv and argv[argv.index("--freeze") + 1] == "head"
+    assert argv[argv.index("--steps") + 1] == "2" and argv[argv.index("--run-id") + 1] == "from-page"
+    assert at.session_state["classify_run"] == "from-page"
+    from core import jobs
+
+    jobs.stop_job("from-page", force=True)
+
+
+def test_page_shows_results_own_message_and_side_by_side():
+    tokenizer = make_start_run()
+    make_finished_classifier("spam-random", tokenizer, random_init=True, test_accuracy=0.8)
+    time.sleep(1.1)  # list_runs orders by creation second: make the pre-trained run the newest
+    make_finished_classifier("spam-pretrained", tokenizer)
+    at = page()
+    text = all_text(at)
+    assert "How well does it do?" in text
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["test accuracy"] == "90.0%" and metrics["validation accuracy"] == "92.0%"
+    assert "Misclassified test messages (30)" in text
+    frames = [df.value for df in at.dataframe]
+    wrong = next(f for f in frames if "P(spam)" in f.columns)
+    assert wrong["message"].iloc[0] == HTML_MESSAGE  # shown as text, not rendered as HTML
+    assert "<b>WIN</b>" not in "".join(m.value for m in at.markdown)
+    # Side by side: both runs, their test accuracies.
+    table = next(f for f in frames if "test acc" in f.columns)
+    assert set(table["run"]) == {"spam-pretrained", "spam-random"}
+    assert sorted(table["test acc"]) == [0.8, 0.9]
+
+    # Try your own message: probabilities for both classes; a long one is truncated with a note.
+    at.text_area[0].input("Free entry! Text WIN to 80086 now <script>")
+    at.button[-1].click().run()
+    assert not at.exception, at.exception
+    assert any("The model says" in m.value for m in at.markdown)
+    assert "<script>" not in "".join(m.value for m in at.markdown)
+    at.text_area[0].input("a very long message " * 10)
+    at.button[-1].click().run()
+    assert any("only the first 32 tokens" in i.value for i in at.info)
+    at.text_area[0].input("   ")
+    at.button[-1].click().run()
+    assert any("Type a message" in e.value for e in at.error)
