@@ -1,0 +1,115 @@
+"""Stage 3 page: live parameter budget, presets, the forward trace, generation, GPT-2 import."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core import runs
+from core.model import GPT, GPTConfig, save_model_run
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "3_Architecture.py")
+
+
+def page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=30)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metric(at: AppTest, label_start: str) -> str:
+    return next(m.value for m in at.metric if m.label.startswith(label_start))
+
+
+def chart(at: AppTest, key: str) -> dict:
+    for c in at.get("plotly_chart"):
+        if key in c.proto.id:
+            return json.loads(c.proto.spec)
+    raise AssertionError(f"no chart {key!r}")
+
+
+def button(at: AppTest, key: str):
+    return next(b for b in at.button if b.key == key)
+
+
+def test_counts_update_with_presets_and_sliders():
+    at = page()
+    assert metric(at, "Parameters") == "107,968"  # tiny with 65 characters
+    bar = chart(at, "param_bar")
+    assert {t["name"] for t in bar["data"]} == {"token embedding", "position embedding", "attention",
+                                               "feed-forward", "layer norms", "output head"}
+    button(at, "preset_gpt2-124m").click().run()
+    assert metric(at, "Parameters") == "124,439,808"
+    assert metric(at, "Weights in fp32") == "474.7 MiB"
+    at.slider(key="cfg_n_layer").set_value(1).run()
+    assert metric(at, "Parameters") == f"{124_439_808 - 11 * 7_087_872:,}"
+    assert not at.exception
+
+
+def test_heads_that_do_not_divide_the_embedding_are_explained():
+    at = page()
+    at.slider(key="cfg_n_head").set_value(5).run()
+    assert any("divide evenly" in e.value for e in at.error)
+    assert not at.metric  # no counts for a shape that cannot be built
+
+
+def test_trace_table_and_top10_logits_for_the_untrained_model():
+    at = page()
+    at.text_input(key="trace_text").set_value("hello").run()
+    table = at.dataframe[0].value
+    assert list(table["output shape"])[-1] == "1 × 5 × 65"
+    assert any("blocks.1.attn" in m for m in table["module"])
+    logits = chart(at, "trace_logits")
+    assert len(logits["data"][0]["y"]) == 10
+    # A big preset is traced on the meta device: shapes, and a note instead of scores.
+    button(at, "preset_gpt2-355m").click().run()
+    assert any("too many to build" in i.value for i in at.info)
+    assert list(at.dataframe[0].value["output shape"])[-1].endswith("× 50257")
+
+
+def test_generate_from_the_untrained_model_and_from_a_run():
+    at = page()
+    at.text_area(key="gen_prompt").set_value("<b>hi</b>").run()
+    at.slider(key="gen_temperature").set_value(0.0).run()
+    probs = chart(at, "gen_next")["data"][0]
+    assert max(probs["x"]) == 1.0  # greedy: all mass on one token
+    button(at, "gen_go").click().run()
+    assert not at.exception
+    text = at.text[0].value
+    assert text.startswith("<b>hi</b>") and len(text) > len("<b>hi</b>")  # shown as plain text
+
+    from core.tokenizers import train_char
+
+    tokenizer = train_char("the quick brown fox jumps over the lazy dog")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=32, n_embd=32, n_head=4, n_layer=2))
+    runs.create_run("page3-run", "pretrain", {})
+    save_model_run("page3-run", model, tokenizer)
+    at.radio(key="gen_source").set_value("A run on disk").run()
+    at.text_area(key="gen_prompt").set_value("the fox").run()
+    at.slider(key="gen_max_new").set_value(10).run()
+    button(at, "gen_go").click().run()
+    assert not at.exception
+    assert at.text[0].value.startswith("the fox")
+
+
+def test_import_a_gpt2_folder_into_the_run_store(tmp_path):
+    from core.gpt2 import save_hf_gpt2
+    from core.tokenizers import train_char
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, context_length=16, n_embd=16, n_head=2, n_layer=1))
+    save_hf_gpt2(model, tmp_path / "folder", tokenizer=train_char("abc def"))
+    at = page()
+    at.text_input(key="import_folder").set_value(str(tmp_path / "missing")).run()
+    button(at, "import_go").click().run()
+    assert any("not a folder" in e.value for e in at.error)
+    at.text_input(key="import_folder").set_value(str(tmp_path / "folder")).run()
+    at.text_input(key="import_run_id").set_value("imported").run()
+    button(at, "import_go").click().run()
+    assert not at.exception
+    assert any("imported" in s.value for s in at.success)
+    assert runs.open_run("imported").stage == "import"
