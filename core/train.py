@@ -779,3 +779,45 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+# ---------------------------------------------------------------------------- for the page
+
+
+def downsample(rows: list[dict], limit: int = 500) -> list[dict]:
+    """At most about `limit` rows, evenly spread, always keeping the last (long runs stay light)."""
+    if len(rows) <= limit:
+        return rows
+    stride = math.ceil(len(rows) / limit)
+    kept = rows[::stride]
+    return kept if kept[-1] is rows[-1] else kept + rows[-1:]
+
+
+def progress_summary(metrics: list[dict], train_config: dict | None) -> dict:
+    """Where a run stands, from its metrics rows: the figures above the live chart.
+
+    Returns step, tokens, elapsed_s, tokens_per_s (recent), train_loss, val_loss (latest),
+    fraction (0–1 of the budget, or None) and eta_s (seconds left, or None).
+    """
+    rows = [m for m in metrics if "train_loss" in m]
+    if not rows:
+        return {"step": 0, "tokens": 0, "elapsed_s": 0.0, "tokens_per_s": None, "train_loss": None,
+                "val_loss": None, "fraction": 0.0, "eta_s": None}
+    last = rows[-1]
+    vals = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+    step, tokens, elapsed = last["step"], last.get("tokens", 0), last.get("elapsed_s", 0.0)
+    fractions = []
+    c = train_config or {}
+    if c.get("max_steps"):
+        fractions.append(step / c["max_steps"])
+    if c.get("max_tokens"):
+        fractions.append(tokens / c["max_tokens"])
+    if c.get("max_minutes"):
+        fractions.append(elapsed / (c["max_minutes"] * 60))
+    fraction = min(1.0, max(fractions)) if fractions else None
+    eta = None
+    if fraction and elapsed > 0:
+        eta = max(0.0, elapsed * (1 - fraction) / fraction)
+    return {"step": step, "tokens": tokens, "elapsed_s": elapsed, "tokens_per_s": last.get("tokens_per_s"),
+            "train_loss": last["train_loss"], "val_loss": vals[-1] if vals else None,
+            "fraction": fraction, "eta_s": eta}

@@ -288,3 +288,19 @@ def test_evaluating_every_step_logs_each_step_once():
     metrics = runs.read_jsonl(runs.run_dir(run_id) / "metrics.jsonl")
     assert [m["step"] for m in metrics if "train_loss" in m] == [1, 2, 3]
     assert [m["step"] for m in metrics if "val_loss" in m] == [1, 2, 3]
+
+
+def test_progress_summary_and_downsample_for_the_page():
+    from core.train import downsample, progress_summary
+
+    assert progress_summary([], {"max_steps": 10})["step"] == 0
+    rows = [{"step": s, "tokens": s * 100, "train_loss": 3.0 - s / 100, "elapsed_s": s / 10, "tokens_per_s": 1000.0}
+            for s in range(1, 101)]
+    rows[49]["val_loss"] = 2.5
+    summary = progress_summary(rows, {"max_steps": 200})
+    assert summary["step"] == 100 and summary["val_loss"] == 2.5
+    assert summary["fraction"] == pytest.approx(0.5) and summary["eta_s"] == pytest.approx(10.0)
+    assert progress_summary(rows, {"max_minutes": 0.5})["eta_s"] == pytest.approx(20.0)
+    thin = downsample(rows, 30)
+    assert len(thin) <= 31 and thin[0] is rows[0] and thin[-1] is rows[-1]
+    assert downsample(rows[:5], 30) == rows[:5]
