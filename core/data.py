@@ -265,6 +265,11 @@ def _upload_path(filename: str) -> Path:
 
 def save_upload(filename: str, data: bytes) -> str:
     """Validate an uploaded text file and store it; returns its source name `upload:<name>`."""
+    if not isinstance(filename, str):
+        raise DataError("An upload needs a file name.")
+    if not isinstance(data, (bytes, bytearray)):  # e.g. text pasted where a file's bytes belong
+        raise DataError(f"The upload {filename!r} must be the file's bytes, not {type(data).__name__}.")
+    data = bytes(data)
     if len(data) > MAX_UPLOAD_BYTES:
         raise DataError(
             f"{filename!r} is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB."
