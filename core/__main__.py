@@ -68,7 +68,7 @@ def run_command(argv: list[str]) -> dict:
         raise _ArgumentError(_usage())
     command = argv[0]
     if command not in COMMANDS:
-        raise _ArgumentError(f"unknown command {command!r}.\n{_usage()}")
+        raise _ArgumentError(f"unknown command {command!r}; `python -m core --help` lists the commands.")
     args = build_parser(command).parse_args(argv[1:])
     result = args._run(args)
     return result if isinstance(result, dict) else {"result": result}

@@ -41,7 +41,9 @@ def test_user_mistakes_give_one_line_and_exit_2(argv, capsys):
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in err
-    assert err.startswith("error: ")
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ")  # progress may come before it; the error is one line
+    assert sum(line.startswith("error: ") for line in lines) == 1
     assert out == ""
 
 
