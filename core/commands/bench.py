@@ -13,6 +13,7 @@ Targets are those of this project on a 2-core CPU; on other machines they are on
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -50,6 +51,8 @@ def add_arguments(parser) -> None:
                         help="also time the small preset to validation loss 1.88 on Tiny Shakespeare (minutes)")
     parser.add_argument("--only", help=f"comma-separated pieces: {', '.join(PIECES)} (or their JSON keys)")
     parser.add_argument("--device", help="cpu or cuda (default: the best available)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: one per physical core, or GLASSBOX_THREADS)")
 
 
 def _selected(args) -> list[str]:
@@ -106,7 +109,12 @@ def run(args) -> dict:
 
     from core import bench
     from core.device import configure_threads, describe, pick_device
+    from core.errors import GlassBoxError
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise GlassBoxError("--threads must be at least 1.")
+        os.environ["GLASSBOX_THREADS"] = str(args.threads)  # every piece, and the job it starts
     device = pick_device(args.device)
     threads = configure_threads()
     pieces = _selected(args)
