@@ -532,13 +532,12 @@ def train(run_id: str, model: torch.nn.Module, task: TrainTask, config: TrainCon
     path = runs.run_dir(run_id)
     if is_writer:
         path.mkdir(parents=True, exist_ok=True)
-    model.to(device)
     task.prepare(config, device)
-
-    # Check memory before the first step, from the shape of a real batch.
+    # Check memory before anything big is allocated, from the shape of a real batch.
     probe, _ = task.get_batch("train", 0, config.batch_size, batch_generator(config.seed, 0))
     seq_len = probe.shape[-1] if probe.dim() > 1 else 1
     check_memory(model, config.batch_size, seq_len, device)
+    model.to(device)
 
     counters = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     optimizer = None  # a fresh run builds AdamW after its first loss is logged (see _Loop.run)

@@ -55,6 +55,7 @@ def add_arguments(parser) -> None:
     opt.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
     opt.add_argument("--warmup", type=int, help="warm-up steps")
     opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--beta2", type=float, help="AdamW's second-moment decay (0.95 or 0.99)")
     opt.add_argument("--grad-clip", type=float, help="clip the gradient norm (0: off)")
     opt.add_argument("--seed", type=int)
 
@@ -106,6 +107,8 @@ def train_config_from_args(args, preset: str, stored: dict | None = None):
         for b in BUDGETS:
             values[b] = None
     values.update(given)
+    if getattr(args, "beta2", None) is not None:
+        values["betas"] = (tuple(values.get("betas") or (0.9, 0.95))[0], args.beta2)
     return TrainConfig.from_dict(values)
 
 
