@@ -81,8 +81,8 @@ else:
                                  value=float(C.DEFAULT_STEPS), step=1.0,
                                  help="Steps (one batch each) or minutes of training.")
         batch = c4.select_slider("Batch size", [4, 8, 16, 32], value=16)
-        lr = c4.select_slider("Learning rate", [5e-5, 1e-4, 3e-4, 5e-4, 1e-3, 3e-3], value=5e-4,
-                              help="Small models from stage 4 like 5e-4 to 1e-3; GPT-2 prefers 5e-5.")
+        lr = c4.select_slider("Learning rate", [5e-5, 1e-4, 3e-4, 5e-4, 1e-3, 3e-3], value=1e-3,
+                              help="Small models from stage 4 like 1e-3; GPT-2 prefers 5e-5.")
         max_length = c5.number_input("Pad / truncate to (tokens, 0 = automatic)", 0, 4096, 0,
                                      help="Automatic: the longest training message, at most the "
                                           "model's context length.")
@@ -107,14 +107,16 @@ else:
 
 # ---------------------------------------------------------------------------- 3. watch it learn
 classifier_runs = [r for r in runs.list_runs("classify") if not r.error]
-if not classifier_runs:
+run_ids = [r.id for r in classifier_runs]
+default = remembered_run(PAGE_KEY, ("classify",), "classify")
+if default and default not in run_ids:  # a job just started: its config.json is not written yet
+    run_ids.insert(0, default)
+if not run_ids:
     st.caption("No fine-tuning run yet: the curves, results and the message tester appear here "
                "once one has started.")
     st.stop()
-run_ids = [r.id for r in classifier_runs]
 
 st.header("3 · Watch it learn")
-default = remembered_run(PAGE_KEY, ("classify",), "classify")
 shown = st.selectbox("Classifier run", run_ids,
                      index=run_ids.index(default) if default in run_ids else 0, key="classify_shown")
 st.session_state[PAGE_KEY] = shown
@@ -155,6 +157,10 @@ def results_version(run_id: str) -> int | None:
 @st.fragment(run_every=1)
 def live_view(run_id: str) -> None:
     state = job_controls(run_id, key="classify_job")
+    if not (runs.run_dir(run_id) / "config.json").is_file():
+        if state and state.active:
+            st.caption("Loading the start model and tokenising the messages…")
+        return
     try:
         run = runs.open_run(run_id)
     except GlassBoxError as e:

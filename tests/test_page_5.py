@@ -92,6 +92,7 @@ def test_page_with_a_start_run_starts_a_job_with_the_chosen_settings():
     assert "--random-init" in argv and argv[argv.index("--freeze") + 1] == "head"
     assert argv[argv.index("--steps") + 1] == "2" and argv[argv.index("--run-id") + 1] == "from-page"
     assert at.session_state["classify_run"] == "from-page"
+    assert any("from-page" in m.value for m in at.markdown)  # its job is shown straight away
     from core import jobs
 
     jobs.stop_job("from-page", force=True)

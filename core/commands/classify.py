@@ -28,8 +28,8 @@ def add_arguments(parser):
                         help="pad/truncate messages to this many tokens "
                              "(default: longest training message, at most the context length)")
     parser.add_argument("--batch-size", type=int, default=None, help="messages per step (default 16)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4)")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 25)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 40)")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     parser.add_argument("--run-id", default=None, help="name of the new run (default: classify-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
@@ -51,10 +51,13 @@ def run(args) -> dict:
     run_id = args.run_id or runs.new_run_id("classify")
     if not args.resume and not args.start:
         raise C.ClassifyError("Name the run to start from with --from RUN (see `python -m core classify --help`).")
-    config = C.default_train_config(max_steps=args.steps, max_minutes=args.minutes,
-                                    batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every)
-    if args.lr is not None:
-        config.min_lr = min(config.min_lr, args.lr / 10)
+    given = dict(max_steps=args.steps, max_minutes=args.minutes, batch_size=args.batch_size,
+                 lr=args.lr, eval_every=args.eval_every)
+    config = None  # resuming with nothing new: the run keeps its stored settings
+    if not args.resume or any(v is not None for v in given.values()):
+        config = C.default_train_config(**given)
+        if args.lr is not None:
+            config.min_lr = min(config.min_lr, args.lr / 10)
     device = None
     if args.device:
         import torch

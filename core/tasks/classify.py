@@ -34,8 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core import data as data_registry
+from core import runs
 from core.errors import DataError, GlassBoxError, ModelConfigError, RunError
-from core.train import TrainConfig, TrainTask
+from core.model import GPT, GPTConfig, load_model_run
+from core.tokenizers import load_tokenizer
+from core.train import TrainConfig, TrainTask, load_model_tensors, train
 
 LABELS = ("ham", "spam")  # class index = position in this tuple
 DATA_SEED = 123  # the reference book's random_state for balancing and splitting
@@ -48,7 +52,7 @@ FREEZE_MODES = {
 DEFAULT_FREEZE = "last-block"
 START_STAGES = ("pretrain", "import")  # runs that hold a language model we can start from
 RANDOM_PREFIX = "random:"  # `--from random:RUN` = RUN's architecture and tokeniser, fresh weights
-TRAIN_ACCURACY_SUBSET = 256  # training messages scored at each evaluation (a fixed subset)
+TRAIN_ACCURACY_SUBSET = 160  # training messages scored at each evaluation (a fixed subset)
 MAX_MISCLASSIFIED = 50  # misclassified test messages kept in results.json
 DEFAULT_STEPS = 300  # when neither steps nor minutes are given: ~4.5 passes over the training set
 
@@ -102,16 +106,14 @@ def parse_sms_lines(text: str, source: str = "SMSSpamCollection") -> list[Exampl
 def load_sms_examples(source: str = "sms-spam") -> list[Example]:
     """Read the messages of a data source: a registry name (`sms-spam`), `upload:<name>` or
     `file:<path>` (the registry checks the file and says how to get it when it is missing)."""
-    from core import data
-
-    registered = data.SOURCES.get(source)
+    registered = data_registry.SOURCES.get(source)
     if registered is not None and registered.kind != "sms":
         raise DataError(
             f"{source!r} is not a labelled SMS data set (it is {registered.kind!r} data); "
             "use --data sms-spam."
         )
     label = source.split(":", 1)[1] if source.startswith(("upload:", "file:")) else source
-    return parse_sms_lines(data.read_text(source), source=Path(label).name)
+    return parse_sms_lines(data_registry.read_text(source), source=Path(label).name)
 
 
 def class_counts(examples: list[Example]) -> dict[str, int]:
@@ -419,14 +421,13 @@ def default_train_config(**overrides) -> TrainConfig:
     A few hundred steps are a few passes over the 1,045 training messages (the book trains
     GPT-2 small for 5 passes with batches of 8).
     """
-    values = dict(max_steps=None, batch_size=16, lr=5e-4, min_lr=5e-5, warmup_steps=20,
-                  weight_decay=0.1, eval_every=25, eval_batches=1, sample_every=10**9,
+    values = dict(max_steps=None, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=20,
+                  weight_decay=0.1, eval_every=40, eval_batches=1, sample_every=10**9,
                   checkpoint_every=100, log_every=5, seed=DATA_SEED)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["max_steps"] is None and values.get("max_minutes") is None and values.get("max_tokens") is None:
         values["max_steps"] = DEFAULT_STEPS
     return TrainConfig(**values)
-
 
 
 def parse_start(spec: str, random_init: bool = False) -> tuple[str, bool]:
@@ -441,8 +442,6 @@ def parse_start(spec: str, random_init: bool = False) -> tuple[str, bool]:
 
 def check_start_run(run_id: str):
     """The run to start from must hold a language model: a stage-4 run or an imported GPT-2."""
-    from core import runs
-
     run = runs.open_run(run_id)  # RunNotFoundError names the run
     if run.error:
         raise RunError(run.error)
@@ -461,8 +460,6 @@ def check_start_run(run_id: str):
 def load_start_model(run_id: str, random_init: bool = False, seed: int = DATA_SEED):
     """(model, tokenizer) to start from: the run's trained weights, or fresh random ones in the
     same shape with the same tokeniser (the control experiment: what does pre-training buy?)."""
-    from core.model import GPT, GPTConfig, load_model_run
-    from core.tokenizers import load_tokenizer
 
     run = check_start_run(run_id)
     if not random_init:
@@ -484,7 +481,6 @@ def _classifier_info(run_config: dict) -> dict:
 
 def build_classifier_from_config(run_config: dict) -> nn.Module:
     """The classifier's architecture from its config.json (weights not loaded)."""
-    from core.model import GPT, GPTConfig
 
     info = _classifier_info(run_config)
     model = GPT(GPTConfig.from_dict(run_config["model"]))
@@ -499,14 +495,13 @@ def fine_tune(run_id: str, start: str | None = None, data_source: str = "sms-spa
 
     Returns the headline figures (what `python -m core classify` prints).
     """
-    from core import runs
-    from core.tokenizers import load_tokenizer
-    from core.train import train
 
     started = time.perf_counter()
-    train_config = train_config or default_train_config()
     path = runs.run_dir(run_id)
     stored = runs.read_json(path / "config.json") if resume and (path / "config.json").exists() else None
+    if train_config is None:  # resuming with no new settings: the run's own
+        train_config = (TrainConfig.from_dict(stored["train"]) if stored and "train" in stored
+                        else default_train_config())
     if stored is not None:
         # Resume: rebuild exactly what was trained from the run itself (the start run is not needed).
         if stored.get("stage") != "classify":
@@ -516,6 +511,7 @@ def fine_tune(run_id: str, start: str | None = None, data_source: str = "sms-spa
         model = build_classifier_from_config(stored)
         data = prepare_sms_data(tokenizer, model.config.context_length, info.get("data", data_source),
                                 max_length=info["pad_length"])
+        runs.update_config(run_id, train=train_config.to_dict())  # a resume may extend the budget
     else:
         if freeze not in FREEZE_MODES:
             raise ClassifyError(f"Unknown freeze mode {freeze!r}; choose one of {', '.join(FREEZE_MODES)}.")
@@ -594,8 +590,6 @@ def headline(run_id: str, results: dict) -> dict:
 
 def read_results(run_id: str) -> dict | None:
     """results.json of a classifier run, or None while it has none (still training, or failed)."""
-    from core import runs
-
     path = runs.run_dir(run_id) / "results.json"
     return runs.read_json(path) if path.is_file() else None
 
@@ -605,9 +599,6 @@ _LOADED: dict = {}  # run id → (weights mtime, model, tokenizer, config): clas
 
 def load_classifier_run(run_id: str):
     """(model, tokenizer, config) of a classifier run, in eval mode on the CPU."""
-    from core import runs
-    from core.tokenizers import load_tokenizer
-    from core.train import load_model_tensors
 
     run = runs.open_run(run_id)
     if run.stage != "classify":
