@@ -69,8 +69,10 @@ else:
     with st.form("instruct_settings"):
         c1, c2, c3 = st.columns(3)
         minutes = c1.slider("Minutes of tuning", 0.5, 30.0, 10.0, step=0.5)
-        lr = c2.select_slider("Learning rate", [3e-5, 1e-4, 3e-4, 1e-3, 3e-3], value=3e-4,
-                              help="3e-4 suits small models from scratch; GPT-2 prefers 5e-5 to 1e-4.")
+        lr = c2.select_slider("Learning rate", [3e-5, 5e-5, 1e-4, 3e-4, 1e-3, 3e-3],
+                              value=ins.suggested_lr(start_run), format_func=lambda v: f"{v:g}",
+                              help="1e-3 suits small models trained here; GPT-2 weights want "
+                                   "about 5e-5, or they forget what they know.")
         batch = c3.select_slider("Batch size", [2, 4, 8, 16, 32], value=8)
         c4, c5, c6 = st.columns(3)
         mask_prompt = c4.toggle("Mask the prompt in the loss", value=False,
@@ -141,11 +143,11 @@ def live_view(run_id: str) -> None:
             st.dataframe(pd.DataFrame([{"step": s["step"], "answer": s["text"]}
                                        for s in reversed(samples[-30:])]),
                          hide_index=True, height=230, key="instruct_samples")
-    # When the job has just finished, draw the results below once.
-    finished_key = f"instruct_finished_{run_id}"
-    done = (run_path / ins.FORMAT_RATES_FILE).exists()
-    if done and not st.session_state.get(finished_key) and state and not state.active:
-        st.session_state[finished_key] = True
+    # When the job has just ended, rerun the whole page once so the results below appear.
+    active_key = f"instruct_active_{run_id}"
+    if state and state.active:
+        st.session_state[active_key] = True
+    elif st.session_state.pop(active_key, False):
         st.rerun(scope="app")
 
 

@@ -29,7 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96,
                         help="token budget per answer when comparing the models (default 96)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default: 1e-3 for small models, 5e-5 for GPT-2 sizes)")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--sample-every", type=int, default=50)
@@ -51,6 +52,10 @@ def train_config_from_args(args):
         raise GlassBoxError("--batch-size must be at least 1.")
     if args.eval_limit is not None and args.eval_limit < 1:
         raise GlassBoxError("--eval-limit must be at least 1.")
+    if args.lr is None:
+        from core.tasks.instruct import suggested_lr
+
+        args.lr = suggested_lr(args.from_run)
     return TrainConfig(
         max_steps=args.steps, max_minutes=args.minutes, batch_size=args.batch_size,
         lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup_steps,
