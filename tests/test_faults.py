@@ -263,6 +263,7 @@ DAMAGE = {
     "config.json not an object": ("config.json", lambda p: p.write_text("[1, 2, 3]")),
     "config.json not UTF-8": ("config.json", lambda p: p.write_bytes(b'{"stage": "\xff\xfe"}')),
     "tokenizer.json truncated": ("tokenizer.json", truncate),
+    "status.json truncated": ("status.json", truncate),
     "metrics.jsonl damaged": ("metrics.jsonl", lambda p: p.write_bytes(
         p.read_bytes() + b"\xff\xfe\x00garbage\n" + b'[1, 2]\n{"step": 4, "train_lo')),
 }
@@ -281,6 +282,11 @@ def test_a_damaged_file_is_named_and_other_runs_still_list_and_load(damage):
     assert [m["step"] for m in runs.open_run("good").metrics()] == [1, 2, 3]
     if name == "metrics.jsonl":
         assert [m["step"] for m in runs.open_run("bad").metrics()] == [1, 2, 3]  # bad lines skipped
+        load_model_run("bad")
+        return
+    if name == "status.json":  # the job's state is unknown, and says why; the run itself is fine
+        state = jobs.job_state("bad")
+        assert state.state == "unknown" and "status.json is damaged" in state.message
         load_model_run("bad")
         return
     with pytest.raises(GlassBoxError) as error:
@@ -308,7 +314,7 @@ MODEL_PAGES = {
 @pytest.mark.parametrize("page, damage", [
     ("2", "model.safetensors truncated"), ("2", "config.json truncated"),
     ("3", "model.safetensors truncated"), ("3", "tokenizer.json truncated"),
-    ("4", "metrics.jsonl damaged"), ("4", "config.json truncated"),
+    ("4", "metrics.jsonl damaged"), ("4", "config.json truncated"), ("4", "status.json truncated"),
 ])
 def test_pages_show_a_message_not_a_traceback_when_the_picked_run_is_damaged(page, damage):
     file, first, picker_key = MODEL_PAGES[page]
@@ -331,8 +337,24 @@ def test_pages_show_a_message_not_a_traceback_when_the_picked_run_is_damaged(pag
         return
     picker.set_value("bad").run()
     assert not at.exception, at.exception
-    if page != "4" and name != "metrics.jsonl":  # page 4 draws metrics, which never need the weights
+    if name == "status.json":  # the job panel says the state is unknown, and why
+        assert "status.json is damaged" in page_text(at), page_text(at)
+    elif page != "4" and name != "metrics.jsonl":  # page 4 draws metrics: it never needs the weights
         assert any(name in e.value for e in at.error), page_text(at)
+
+
+def test_page_5_shows_a_message_when_a_classifier_s_weights_are_damaged():
+    from tests.test_page_5 import make_finished_classifier, make_start_run
+
+    make_finished_classifier("spam-run", make_start_run())
+    truncate(runs.run_dir("spam-run") / "model.safetensors")
+    at = AppTest.from_file(str(REPO / "pages" / "5_Classification.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    at.text_area[0].set_value("WIN a free cruise now")
+    next(b for b in at.button if b.label == "Classify").click().run()
+    assert not at.exception, at.exception
+    assert any("model.safetensors" in e.value for e in at.error), page_text(at)
 
 
 def make_stage_run(run_id: str, stage: str, files: dict[str, bytes], config: dict | None = None) -> Path:
