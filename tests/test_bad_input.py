@@ -272,6 +272,31 @@ def test_page_3_import_folder(tmp_path):
         assert words in errors(at), (folder, errors(at))
 
 
+def test_page_3_shape_sliders():
+    at = page("3_Architecture.py")
+    n_embd = at.select_slider(key="cfg_n_embd").value
+    at.slider(key="cfg_n_head").set_value(next(h for h in range(2, 33) if n_embd % h)).run()
+    assert not at.exception, at.exception
+    assert "divid" in errors(at)  # heads that do not divide the width: said, not crashed
+    for vocab in (1, 300_000):  # the number box's extremes still give a shape to look at
+        at.slider(key="cfg_n_head").set_value(1)
+        at.number_input(key="cfg_vocab_size").set_value(vocab).run()
+        assert not at.exception and not at.error, (vocab, at.exception, errors(at))
+
+
+@pytest.mark.parametrize("page_file, filename, content", [
+    ("5_Classification.py", "SMSSpamCollection", b"label,text\nham,missing the tab column\n"),
+    ("6_Instructions.py", "instruction-data.json", b'{"not": "the right shape"}'),
+], ids=["5-SMS missing columns", "6-instructions wrong JSON shape"])
+def test_pages_5_and_6_with_a_malformed_data_file(tmp_path, monkeypatch, page_file, filename, content):
+    """A damaged copy of the page's data set in the data folder: a message, not a crash. (The
+    registry's sha256 check catches any damaged copy; parsing bad content is the core table's job.)"""
+    (tmp_path / filename).write_bytes(content)
+    monkeypatch.setenv("GLASSBOX_DATA_DIR", str(tmp_path))
+    at = page(page_file)
+    assert filename in errors(at) or "sha256" in errors(at), errors(at)
+
+
 def test_page_4_run_name():
     if not (REPO / "pages" / "4_Pretraining.py").exists():
         pytest.skip("pages/4_Pretraining.py is not written yet")
