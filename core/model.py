@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from core.errors import CorruptRunError, ModelConfigError
 
 ATTENTION_PATHS = ("fast", "teaching")
+SINGLE_THREAD_DECODE_BELOW = 20_000_000  # parameters; see GPT.generate
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -496,15 +497,26 @@ class GPT(nn.Module):
         ctx = self.config.context_length
         cache = None
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        threads = torch.get_num_threads()
+        # A cached step of a small model is a handful of tiny matrix-vector products: a second CPU
+        # thread cannot share such little work and only adds waiting. When another process keeps
+        # the cores busy (a training job), the waiting dominates: a 2M-parameter model took ~50x
+        # longer per token with 2 threads than with 1 here. So small models decode on one thread.
+        single_thread = (idx.device.type == "cpu" and threads > 1
+                         and self.num_parameters() < SINGLE_THREAD_DECODE_BELOW)
         try:
             for _ in range(max_new_tokens):
                 if use_cache and idx.shape[1] <= ctx:
                     if cache is None:  # prefill: the whole prompt at once
                         cache = KVCache(self.config, idx.shape[0], idx.device, self.wte.weight.dtype)
                         logits = self._last_logits(idx, cache)
+                        if single_thread:
+                            torch.set_num_threads(1)
                     else:  # one new token, everything else comes from the cache
                         logits = self._last_logits(idx[:, -1:], cache)
                 else:
+                    if torch.get_num_threads() != threads:  # the window slides: full passes again
+                        torch.set_num_threads(threads)
                     logits = self._last_logits(idx[:, -ctx:], None)
                 next_id = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
@@ -514,6 +526,8 @@ class GPT(nn.Module):
                 if eos_id is not None and bool(finished.all()):
                     break
         finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
             self.train(was_training)
         return idx.squeeze(0) if squeeze else idx
 
