@@ -304,6 +304,13 @@ def run_job(run_id: str) -> int:
         print(f"[job] error: {e}", flush=True)
         runs.write_status(run_id, "failed", error=str(e), message=str(e))
         return 2
+    except OSError as e:  # the disk is full or a file vanished: say so plainly, keep the details in the log
+        traceback.print_exc()
+        where = f" ({e.filename})" if e.filename else ""
+        message = (f"A file could not be written or read: {e.strerror or e}{where}. The last checkpoint is "
+                   "kept; if the disk is full, free some space and resume.")
+        runs.write_status(run_id, "failed", error=message, message=message)
+        return 1
     except BaseException as e:  # a bug: keep the traceback in the log, a short line in status
         traceback.print_exc()
         message = f"Internal error: {type(e).__name__}: {e}"
