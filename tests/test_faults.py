@@ -67,6 +67,8 @@ if KIND:
         return real_write(path, data)
 
     def append_jsonl(path, record):
+        if KIND == "enospc-metrics" and Path(path).name == "metrics.jsonl" and record.get("step") == 15:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
         if KIND == "kill-step" and Path(path).name == "metrics.jsonl" and record.get("step") == 15:
             with open(path, "a") as f:
                 f.write('{"step": 15, "train_lo')  # a line cut off mid-write
@@ -179,12 +181,18 @@ def test_a_job_killed_mid_step_or_mid_checkpoint_keeps_its_checkpoint_and_resume
 # ---------------------------------------------------------------------------- disk full
 
 
-def test_disk_full_while_checkpointing_fails_the_job_clearly_and_keeps_the_last_checkpoint(fault):
-    jobs.start_job(pretrain_argv("full"), "full", env=fault("enospc"))
+@pytest.mark.parametrize("kind, says", [
+    ("enospc", ["Could not save a checkpoint at step 20 (No space left on device)",
+                "the checkpoint from step 10 is kept", "Free some disk space and resume"]),
+    ("enospc-metrics", ["No space left on device", "metrics.jsonl", "The last checkpoint is kept",
+                        "free some space and resume"]),
+], ids=["while checkpointing", "while logging metrics"])
+def test_disk_full_fails_the_job_clearly_and_keeps_the_last_checkpoint(fault, kind, says):
+    jobs.start_job(pretrain_argv("full"), "full", env=fault(kind))
     state = wait_until_ended("full")
     assert state.state == "failed"
-    assert "No space left on device" in state.error
-    assert "checkpoint from step 10 is kept" in state.error and "Free some disk space" in state.error
+    for words in says:
+        assert words in state.error, state.error
     assert "Traceback" not in state.error and "Internal error" not in state.error
     assert checkpoint_step("full") == 10
     load_model_run("full")
