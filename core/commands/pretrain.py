@@ -33,8 +33,9 @@ def add_arguments(parser) -> None:
     data = parser.add_argument_group("data and model")
     data.add_argument("--data", default="tinyshakespeare",
                       help="corpus: a data source name (tinyshakespeare, the-verdict, python-docs, upload:NAME, file:PATH)")
-    data.add_argument("--tokenizer", default="char",
-                      help="char, word, gpt2, bpe[:N], or the id of a stage-1 tokeniser run")
+    data.add_argument("--tokenizer", default=None,
+                      help="char, word, gpt2, bpe[:N], or the id of a stage-1 tokeniser run "
+                           "(default: char, or bpe:1000 for the base preset)")
     data.add_argument("--preset", default="small", help="model preset: tiny, small, base, ...")
     data.add_argument("--context-length", type=int, help="override the preset's context length")
     data.add_argument("--n-layer", type=int, help="override the preset's number of blocks")
@@ -119,7 +120,7 @@ def run(args) -> dict:
     from core.device import pick_device
     from core.errors import TrainingError
     from core.model import GPT, GPTConfig, preset_config, save_model_run
-    from core.tasks.pretrain import LanguageModelTask, encode_corpus
+    from core.tasks.pretrain import LanguageModelTask, default_tokenizer, encode_corpus
     from core.tokenizers import load_tokenizer, tokenizer_from_spec
     from core.train import configure_threads, train
 
@@ -141,7 +142,8 @@ def run(args) -> dict:
         config = train_config_from_args(args, stored.get("preset", "small"), stored.get("train"))
         tokenizer_spec, preset, val_fraction = stored["tokenizer"], stored.get("preset"), stored["val_fraction"]
     else:
-        tokenizer_spec, preset, val_fraction = args.tokenizer, args.preset, args.val_fraction
+        preset, val_fraction = args.preset, args.val_fraction
+        tokenizer_spec = args.tokenizer or default_tokenizer(preset)
         tokenizer = tokenizer_from_spec(tokenizer_spec, text)
         overrides = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
         model_config = preset_config(preset, tokenizer.vocab_size, **overrides)
