@@ -47,7 +47,7 @@ def human_bytes(n: int) -> str:
 def readable(token: str) -> str:
     """Spaces and line breaks made visible; escaped, because plotly renders a little HTML."""
     shown = token.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥")
-    return html.escape(shown if shown else "∅")
+    return html.escape(shown if shown else "∅", quote=False)  # plotly shows &quot; literally
 
 
 # ------------------------------------------------------------------------------ 1. the shape
@@ -128,7 +128,7 @@ class ByteIds:
         return [b % self.vocab_size for b in text.encode("utf-8")]
 
     def token_text(self, token_id: int) -> str:
-        return chr(token_id) if 32 <= token_id < 127 else f"⟨{token_id}⟩"
+        return chr(token_id) if 32 <= token_id < 127 else f"#{token_id}"
 
     def decode(self, ids) -> str:
         return "".join(self.token_text(int(i)) for i in ids)
@@ -162,7 +162,7 @@ def trace_table(trace: list[dict]) -> pd.DataFrame:
 
 def logits_chart(probs_or_logits, tokenizer, title: str, key: str, axis: str) -> None:
     values, order = torch.topk(probs_or_logits, min(10, probs_or_logits.numel()))
-    labels = [f"{readable(tokenizer.token_text(int(i)))} ({int(i)})" for i in order]
+    labels = [f"{readable(tokenizer.token_text(int(i)))}  (id {int(i)})" for i in order]
     fig = go.Figure(go.Bar(x=values.tolist()[::-1], y=labels[::-1], orientation="h", marker_color="#4C78A8"))
     fig.update_layout(title=title, height=380, margin=dict(l=10, r=10, t=40, b=10), font_size=FONT - 4,
                       xaxis_title=axis)
@@ -189,7 +189,8 @@ if config is not None:
             trace = model.forward_trace(torch.tensor([ids]))
         st.caption(f"Input: {len(ids)} token ids (the UTF-8 bytes of the text — no tokenizer yet): "
                    f"{html.escape(str(ids[:24]))}{' …' if len(ids) > 24 else ''}")
-        st.dataframe(trace_table(trace), hide_index=True, width="stretch", key="trace_table")
+        st.dataframe(trace_table(trace), hide_index=True, width="stretch", key="trace_table",
+                     height=min(36 * (len(trace) + 1), 640))
         if model is not None:
             with torch.no_grad():
                 logits, _ = model(torch.tensor([ids]))

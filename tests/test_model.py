@@ -282,3 +282,14 @@ def test_a_run_with_missing_or_misshapen_tensors_names_the_tensor():
     runs.create_run("m3", "pretrain", {})
     with pytest.raises(CorruptRunError, match="holds no model"):
         load_model_run("m3")
+
+
+def test_generation_leaves_the_thread_count_as_it_found_it():
+    model = model_of(tiny())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.generate(ids(batch=1, length=2), 20, temperature=0)  # decodes on one thread, then restores
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
