@@ -104,6 +104,8 @@ def scaled_dot_product_attention(q, k, v, causal=False, dropout_p=0.0, training=
 
 def toy_tokens(text: str) -> list[str]:
     """Split the example text on whitespace: one token per word (good enough for this toy)."""
+    if not isinstance(text, str):
+        raise AttentionInputError(f"The example needs text, not {type(text).__name__}.")
     tokens = text.split()
     if not tokens:
         raise AttentionInputError("Type at least one word for the attention example.")
@@ -132,7 +134,20 @@ def toy_embeddings(tokens: list[str], d_model: int, seed: int) -> torch.Tensor:
     return table[ids]  # (T, d_model)
 
 
+def _whole_number(value, name: str) -> int:
+    """Sizes and seeds come from sliders or the command line: accept whole numbers only."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value != int(value):
+        raise AttentionInputError(f"The {name} must be a whole number, not {value!r}.")
+    return int(value)
+
+
 def _check_sizes(d_model: int, d_head: int, n_heads: int, dropout_p: float) -> None:
+    d_model = _whole_number(d_model, "embedding size")
+    d_head = _whole_number(d_head, "head dimension")
+    n_heads = _whole_number(n_heads, "number of heads")
+    if not isinstance(dropout_p, (int, float)):
+        raise AttentionInputError(f"Dropout must be a number, not {dropout_p!r}.")
     if not 1 <= d_model <= 64:
         raise AttentionInputError(f"The embedding size must be between 1 and 64, not {d_model}.")
     if not 1 <= d_head <= 64:
@@ -155,6 +170,8 @@ def attention_steps(text: str = EXAMPLE_SENTENCE, seed: int = 0, d_model: int = 
       context (H, T, d_head), output (T, H * d_head) — the heads' contexts side by side.
     """
     _check_sizes(d_model, d_head, n_heads, dropout_p)
+    d_model, d_head, n_heads = int(d_model), int(d_head), int(n_heads)
+    seed = _whole_number(seed, "seed")
     tokens = toy_tokens(text)
     T = len(tokens)
     X = toy_embeddings(tokens, d_model, seed)  # (T, d_model)
