@@ -53,6 +53,17 @@ def _autocast_dtype(device: torch.device):
     return None
 
 
+def cpu_share(cpu_seconds: float, wall_seconds: float, device: torch.device) -> float | None:
+    """The share of the CPU time its threads asked for that this process got (CPU runs only).
+
+    Near 1 on a quiet machine; well below 1 when other programs share the cores, and then every
+    wall-clock figure of the benchmark is low. (None on a GPU: the CPU mostly waits there.)
+    """
+    if device.type != "cpu" or wall_seconds <= 0:
+        return None
+    return cpu_seconds / (wall_seconds * torch.get_num_threads())
+
+
 def _device(device=None) -> torch.device:
     return torch.device(device) if device is not None else pick_device()
 
@@ -71,6 +82,7 @@ def matmul_gflops(sizes=(1024, 2048), repeats: int = 5, device=None, dtype=None)
     if dtype is None:
         dtype = _autocast_dtype(device) or torch.float32
     by_size = {}
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     for n in sizes:
         g = torch.Generator(device="cpu").manual_seed(n)
         a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -86,7 +98,8 @@ def matmul_gflops(sizes=(1024, 2048), repeats: int = 5, device=None, dtype=None)
             _sync(device)
             best = min(best, (time.perf_counter() - start) / inner)
         by_size[n] = 2 * n**3 / best / 1e9
-    return {"matmul_gflops": max(by_size.values()), "matmul_by_size": by_size,
+    share = cpu_share(time.process_time() - cpu_start, time.perf_counter() - wall_start, device)
+    return {"matmul_gflops": max(by_size.values()), "matmul_by_size": by_size, "cpu_share": share,
             "matmul_dtype": str(dtype).replace("torch.", ""), "threads": threads, "device": device.type}
 
 
@@ -176,10 +189,12 @@ def training_speed(preset: str = "small", peak_gflops: float | None = None, warm
         trainer.step()
     windows = []  # seconds per step of each window
     total_steps, total_seconds = 0, 0.0
+    cpu_start = time.process_time()
     while total_steps < min_steps or total_seconds < min_seconds:
         steps, seconds = trainer.timed_steps(min(window_steps, max(1, min_steps)), 0.0)
         windows.append(seconds / steps)
         total_steps, total_seconds = total_steps + steps, total_seconds + seconds
+    cpu_seconds = time.process_time() - cpu_start
     tokens_per_s = trainer.tokens_per_step / min(windows)
     flops = trainer.model.flops_per_token()
     out = {
@@ -189,6 +204,7 @@ def training_speed(preset: str = "small", peak_gflops: float | None = None, warm
         "context_length": trainer.model.config.context_length, "vocab_size": vocab_size,
         "parameters": trainer.model.num_parameters(), "flops_per_token": flops,
         "model_gflops": flops * tokens_per_s / 1e9,
+        "cpu_share": cpu_share(cpu_seconds, total_seconds, trainer.device),
     }
     if peak_gflops:
         out["mfu"] = out["model_gflops"] / peak_gflops

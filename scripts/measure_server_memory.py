@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     run_id = "memory-watch"
     samples: list[tuple[float, float]] = []
     browser_note = "no browser"
+    page_changes, last_text = 0, None
     try:
         wait_healthy(port, server)
         minutes_of_training = args.minutes + 2  # keeps training for the whole watch
@@ -161,6 +162,10 @@ def main(argv=None) -> int:
                 elapsed = time.time() - start
                 samples.append((elapsed, value))
                 state = jobs.job_state(run_id).state
+                if page is not None:  # is the page live? its visible text changes as training goes
+                    text = page.inner_text("body")
+                    page_changes += text != last_text
+                    last_text = text
                 print(f"{elapsed:7.0f} s  server RSS {value:7.1f} MiB  job {state}", file=sys.stderr, flush=True)
                 if page is not None:
                     page.wait_for_timeout(args.interval * 1000)  # the page keeps updating meanwhile
@@ -186,6 +191,7 @@ def main(argv=None) -> int:
         "growth_mb": round(values[-1] - warm, 1),
         "samples": len(values), "minutes": args.minutes, "target_mb": TARGET_MB,
         "ok": max(values) < TARGET_MB, "browser": browser_note, "run_seen_on_page": seen,
+        "page_changes": page_changes,
         "preset": args.preset, "data": data_name,
     }
     print(json.dumps(result))

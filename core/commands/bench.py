@@ -39,6 +39,7 @@ TARGETS = {
     "first_point_s": ("≤ 3 s", lambda v: v <= 3),
     "time_to_val_loss_s": ("≤ 75 s", lambda v: v <= 75),
 }
+BUSY_SHARE = 0.85  # below this share of CPU time, the machine was busy during the measurement
 UNITS = {"matmul_gflops": "GFLOP/s", "tokens_per_s_tiny": "tok/s", "tokens_per_s_small": "tok/s",
          "kv_cache_speedup": "×", "fast_vs_teaching": "×", "bpe_train_s": "s", "first_point_s": "s",
          "time_to_val_loss_s": "s"}
@@ -171,9 +172,14 @@ def run(args) -> dict:
         note = next((v for k, v in figures.items() if k.endswith("_note")), None)
         _say(f"  done in {time.perf_counter() - started:.1f} s" + (f" ({note})" if note else ""))
 
+    shares = [f["cpu_share"] for f in details.values() if f.get("cpu_share") is not None]
+    result["cpu_share"] = min(shares) if shares else None
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["details"] = details
     _say("")
     _say(table(result))
     _say(f"({result['seconds']} s; the machine may be shared: run twice and compare)")
+    if result["cpu_share"] is not None and result["cpu_share"] < BUSY_SHARE:
+        _say(f"warning: this process got only {result['cpu_share']:.0%} of the CPU time its {threads} "
+             "thread(s) asked for — other programs are using the cores, so every speed above is low.")
     return result
