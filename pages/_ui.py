@@ -52,12 +52,19 @@ def page_header(number: int, why: str) -> None:
     st.caption(why or stage.teaches)
 
 
+def no_remote_images(text: str) -> str:
+    """Markdown images (`![](url)`) in messages could load outside URLs: show them as text.
+    Backticks and other formatting stay, as error messages use them for file names."""
+    return str(text).replace("![", "!\\[")
+
+
 def show_error(error: Exception) -> None:
     """A learner-facing error: the message, never a traceback."""
     if isinstance(error, GlassBoxError):
-        st.error(str(error), icon="⚠️")
+        st.error(no_remote_images(error), icon="⚠️")
     else:
-        st.error(f"Something went wrong inside Glass Box: {type(error).__name__}: {error}", icon="🐞")
+        st.error(no_remote_images(f"Something went wrong inside Glass Box: {type(error).__name__}: {error}"),
+                 icon="🐞")
 
 
 def escape(text: str) -> str:
@@ -122,7 +129,7 @@ def job_controls(run_id: str, key: str, resume_env: dict | None = None) -> jobs.
         else:
             st.rerun()
     if state.state == "failed":
-        st.error(state.error or "The job failed.", icon="❌")
+        st.error(no_remote_images(state.error or "The job failed."), icon="❌")
         if state.log_tail:
             with st.expander("The end of the job's log"):
                 st.code(state.log_tail, language=None)
