@@ -61,6 +61,8 @@ class GPT2FormatError(CorruptRunError):
 
 def config_from_hf(hf: dict) -> GPTConfig:
     """Our GPTConfig from a Hugging Face GPT-2 `config.json` (refusing variants we do not compute)."""
+    if not isinstance(hf, dict):
+        raise GPT2FormatError(f"config.json should hold a JSON object, not a {type(hf).__name__}.")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise GPT2FormatError(f"config.json describes a {hf.get('model_type')!r} model, not GPT-2.")
     activation = hf.get("activation_function", "gelu_new")

@@ -136,8 +136,7 @@ CORE_CASES = [
     ("import · config not JSON", lambda t: G.load_hf_gpt2(hf_folder(t, {"config.json": b"{bad", "model.safetensors": b"x"})),
      GlassBoxError, "config.json"),
     pytest.param("import · config wrong shape", lambda t: G.load_hf_gpt2(hf_folder(t, {"config.json": b"[1, 2]", "model.safetensors": b"x"})),
-     GlassBoxError, "config.json", marks=xfail("core/gpt2.py config_from_hf calls .get on a JSON list: "
-                                               "AttributeError instead of GPT2FormatError")),
+     GlassBoxError, "config.json", marks=()),
     ("import · config missing keys", lambda t: G.load_hf_gpt2(hf_folder(t, {"config.json": b'{"n_embd": "x"}'})),
      GlassBoxError, ""),
     ("import · weights garbage", lambda t: G.load_hf_gpt2(hf_folder(
