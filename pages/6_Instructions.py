@@ -119,7 +119,9 @@ def loss_chart(metrics: list[dict]):
     data = pd.DataFrame(rows)
     return alt.Chart(data).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
         x=alt.X("step:Q", title="step"), y=alt.Y("loss:Q", title="loss", scale=alt.Scale(zero=False)),
-        color=alt.Color("curve:N", title=None)).properties(height=260)
+        color=alt.Color("curve:N", title=None,
+                        scale=alt.Scale(domain=["train", "validation"], range=["#1f77b4", "#ff7f0e"]))
+    ).properties(height=260)
 
 
 @st.fragment(run_every=1)
@@ -171,10 +173,12 @@ with left:
     rate_data = pd.DataFrame([{"model": "pre-trained", "rate": rates["start"]},
                               {"model": "instruction-tuned", "rate": rates["tuned"]}])
     bars = alt.Chart(rate_data).mark_bar().encode(
-        x=alt.X("model:N", sort=None, title=None),
+        x=alt.X("model:N", sort=None, title=None, axis=alt.Axis(labelAngle=0)),
         y=alt.Y("rate:Q", title="format-following rate", scale=alt.Scale(domain=[0, 1]),
                 axis=alt.Axis(format="%")),
-        color=alt.Color("model:N", legend=None))
+        color=alt.Color("model:N", legend=None,
+                        scale=alt.Scale(domain=["pre-trained", "instruction-tuned"],
+                                        range=["#9a9a9a", "#1a7f37"])))
     labels = bars.mark_text(dy=-8).encode(text=alt.Text("rate:Q", format=".0%"))
     st.altair_chart((bars + labels).properties(height=240), key="instruct_rates_chart")
 with right:
@@ -187,15 +191,25 @@ with right:
               delta=f"{(rates['tuned'] - rates['start']) * 100:+.0f} points from {rates['start']:.0%}")
 
 
-def answer_cell(text: str, ok: bool, problems: list[str]) -> str:
+def answer_cell(row: dict, model: str) -> str:
+    """One model's answer ("base" or "tuned") with a ✓ / ✗ badge for the format rules."""
+    text, ok = row[f"{model}_response"], row[f"{model}_follows_format"]
+    problems, new_tokens = row[f"{model}_problems"], row.get(f"{model}_new_tokens")
     badge = ("<span style='color:#1a7f37;font-weight:600'>✓ answers</span>" if ok else
-             f"<span style='color:#cf222e;font-weight:600' title='{escape('; '.join(problems))}'>"
-             f"✗ {escape(problems[0] if problems else 'off format')}</span>")
+             f"<span style='color:#cf222e;font-weight:600'>✗ {escape('; '.join(problems) or 'off format')}</span>")
+    if not text:
+        # a model that only continues text often writes nothing but line breaks and spaces
+        tokens = f" for {new_tokens} tokens" if new_tokens else ""
+        return f"{badge}<br><i>(nothing but spaces and line breaks{tokens})</i>"
     shown_text = text if len(text) <= 400 else text[:400] + " …"
-    return f"{badge}<br>{escape(shown_text) or '<i>(empty)</i>'}"
+    return f"{badge}<br>{escape(shown_text)}"
 
 
-def side_by_side_html(rows: list[dict]) -> str:
+TD = "<td style='vertical-align:top'>"
+
+
+def side_by_side_html(rows: list[tuple]) -> str:
+    """(number, record) rows as an HTML table; every piece of text is escaped."""
     head = ("<tr><th>#</th><th>instruction</th><th>reference</th><th>pre-trained</th>"
             "<th>instruction-tuned</th></tr>")
     body = []
@@ -204,10 +218,9 @@ def side_by_side_html(rows: list[dict]) -> str:
         if r.get("input"):
             instruction += f"<br><i>{escape(r['input'])}</i>"
         body.append(
-            f"<tr><td>{number}</td><td>{instruction}</td><td>{escape(r['output'])}</td>"
-            f"<td>{answer_cell(r['base_response'], r['base_follows_format'], r['base_problems'])}</td>"
-            f"<td>{answer_cell(r['tuned_response'], r['tuned_follows_format'], r['tuned_problems'])}</td></tr>")
-    return ("<table style='width:100%;font-size:0.9em;vertical-align:top'>"
+            f"<tr>{TD}{escape(number)}</td>{TD}{instruction}</td>{TD}{escape(r['output'])}</td>"
+            f"{TD}{answer_cell(r, 'base')}</td>{TD}{answer_cell(r, 'tuned')}</td></tr>")
+    return ("<table style='width:100%;font-size:0.9em'>"
             f"{head}{''.join(body)}</table>")
 
 
@@ -255,5 +268,7 @@ if ask:
                    "base_follows_format": answers["base"].follows_format,
                    "tuned_follows_format": answers["tuned"].follows_format,
                    "base_problems": answers["base"].problems,
-                   "tuned_problems": answers["tuned"].problems}
+                   "tuned_problems": answers["tuned"].problems,
+                   "base_new_tokens": answers["base"].new_tokens,
+                   "tuned_new_tokens": answers["tuned"].new_tokens}
             st.markdown(side_by_side_html([("you", row)]), unsafe_allow_html=True)

@@ -220,6 +220,7 @@ def test_tiny_model_learns_the_format_and_writes_responses(tmp_path):
     rates = json.loads((folder / "format_rates.json").read_text())
     assert rates["start"] == result["format_rate_start"] and rates["n"] == 3
     assert runs.open_run("tuned").config["parent"] == "start"
+    assert runs.read_status("tuned")["state"] == "finished"  # run from a shell, not as a job
     assert runs.open_run("tuned").samples()  # answers to the validation instruction over time
 
 

@@ -43,8 +43,7 @@ def finished_run(tmp_path):
     settings = ins.InstructSettings(data=f"file:{data}", eval_limit=3, max_new_tokens=4)
     config = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, eval_every=3, sample_every=3,
                          log_every=1, checkpoint_every=10)
-    ins.run_instruct("tuned", "start", settings, config)
-    runs.write_status("tuned", "finished")
+    ins.run_instruct("tuned", "start", settings, config)  # writes status "finished" itself
     return "tuned"
 
 
@@ -89,4 +88,4 @@ def test_own_instruction_empty_and_answered(finished_run):
     assert not at.exception and not at.error
     text = all_markdown(at)
     assert "Name a &lt;colour&gt;." in text
-    assert "<td>you</td>" in text
+    assert ">you</td>" in text

@@ -30,6 +30,7 @@ The run stores `responses.json` (one record per test instruction, both models' a
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -444,6 +445,7 @@ def side_by_side(records: list[dict], base: list[Answer], tuned: list[Answer]) -
             "base_response": b.text, "tuned_response": t.text,
             "base_follows_format": b.follows_format, "tuned_follows_format": t.follows_format,
             "base_problems": b.problems, "tuned_problems": t.problems,
+            "base_new_tokens": b.new_tokens, "tuned_new_tokens": t.new_tokens,
         }
         for r, b, t in zip(records, base, tuned)
     ]
@@ -517,9 +519,7 @@ def run_instruct(run_id: str, from_run: str, settings: InstructSettings, train_c
     """
     from core import runs
     from core.model import save_model_run
-    from core.train import train
 
-    say = progress or (lambda message: None)
     started = time.time()
     model, tokenizer = load_start_model(from_run)
     if device is not None:
@@ -530,13 +530,40 @@ def run_instruct(run_id: str, from_run: str, settings: InstructSettings, train_c
         raise GlassBoxError("The token budget per answer must be at least 1.")
 
     config = {"from": from_run, "instruct": settings.to_dict(),
-              "train": dict(train_config.__dict__),
+              "train": train_config.to_dict(),
               "model": model.config.to_dict(), "tokenizer": getattr(tokenizer, "kind", None),
               "splits": {name: len(part) for name, part in splits.items()}}
     runs.create_run(run_id, "instruct", config, parent=from_run, resume=resume)
     folder = runs.run_dir(run_id)
     if not resume or not (folder / "model.safetensors").exists():
         save_model_run(run_id, model, tokenizer)  # tokenizer.json + start weights (overwritten)
+
+    # Inside a background job the job reports the state; run from a shell, we do it ourselves.
+    standalone = os.environ.get(runs.JOB_RUN_ID_ENV) != run_id
+    if standalone:
+        runs.write_status(run_id, "running", message="Instruction tuning…", pid=os.getpid())
+    try:
+        result = _tune_and_compare(run_id, from_run, model, tokenizer, splits, test, settings,
+                                   train_config, resume, device, progress)
+    except BaseException as exc:
+        if standalone:
+            runs.write_status(run_id, "failed", error=str(exc), message=str(exc))
+        raise
+    result["seconds"] = round(time.time() - started, 1)
+    if standalone:
+        state = "stopped" if result["stopped"] else "finished"
+        runs.clear_stop(run_id)
+        runs.write_status(run_id, state, message=state.capitalize() + ".", result=result)
+    return result
+
+
+def _tune_and_compare(run_id, from_run, model, tokenizer, splits, test, settings, train_config,
+                      resume, device, progress) -> dict:
+    from core import runs
+    from core.train import train
+
+    say = progress or (lambda message: None)
+    folder = runs.run_dir(run_id)
 
     # 1. the starting model on the test split (kept, so a resumed run needn't redo it)
     base_file = folder / BASE_ANSWERS_FILE
@@ -566,7 +593,6 @@ def run_instruct(run_id: str, from_run: str, settings: InstructSettings, train_c
               "stopped": bool(summary.get("stopped"))}
     if result["stopped"]:
         say("Stopped: resume the run to finish tuning and to compare the answers.")
-        result["seconds"] = round(time.time() - started, 1)
         return result
 
     # 3. the tuned model on the same test instructions, side by side with the start
@@ -580,7 +606,6 @@ def run_instruct(run_id: str, from_run: str, settings: InstructSettings, train_c
         "rules": "non-empty; ends with end-of-text before the token budget; no template echo"})
     say(f"Format-following rate: start {rate_start:.0%} → tuned {rate_tuned:.0%}")
     result["format_rate_tuned"] = rate_tuned
-    result["seconds"] = round(time.time() - started, 1)
     return result
 
 
