@@ -319,3 +319,21 @@ def test_cli_prints_the_contract_keys(with_runs, capsys):
     assert code == 2
     code = main(["classify", "--steps", "3", "--run-id", "y"])
     assert code == 2 and "--from" in capsys.readouterr().err
+
+
+def test_an_imported_gpt2_style_run_works_unchanged(isolated_workspace):
+    """GPT-2's tokeniser (50,257 ids, end-of-text 50256 pads) and an 'import' run as the start."""
+    from core.tokenizers import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, context_length=64, n_embd=16, n_head=2, n_layer=1,
+                          qkv_bias=True))
+    runs.create_run("gpt2-like", "import", {"source": "test"})
+    save_model_run("gpt2-like", model, tokenizer)
+    headline = C.fine_tune("gpt2-spam", "gpt2-like", freeze="head",
+                           train_config=C.default_train_config(max_steps=2, **FAST))
+    info = runs.open_run("gpt2-spam").config["classifier"]
+    assert info["pad_id"] == 50256 and info["pad_length"] <= 64
+    assert 0 <= headline["test_accuracy"] <= 1
+    assert abs(sum(C.classify_text("gpt2-spam", "Free tickets! Reply WIN").values()) - 1) < 1e-5

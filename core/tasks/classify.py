@@ -296,11 +296,13 @@ def classify_logits(model: nn.Module, ids: torch.Tensor, last_index: torch.Tenso
     """Class logits read at each row's last real token.
 
     ids: (B, T) token ids; last_index: (B,) position of the last real token → logits (B, classes).
+    The model runs its ordinary forward (so a DistributedDataParallel wrapper works too): with the
+    new head it scores every position, (B, T, classes); we keep the score of the one position
+    that has read the whole message.
     """
-    hidden = model.hidden_states(ids)  # (B, T, C), after the final LayerNorm
+    logits, _ = model(ids)  # (B, T, classes)
     rows = torch.arange(ids.shape[0], device=ids.device)
-    last_hidden = hidden[rows, last_index]  # (B, C): the one position that has read everything
-    return model.lm_head(last_hidden)  # (B, num_classes)
+    return logits[rows, last_index]  # (B, classes)
 
 
 # ----------------------------------------------------------------------------------------------
