@@ -401,7 +401,7 @@ def _stop_and_wait(run_id: str, grace_s: float = 10.0) -> None:
 
 
 def time_to_val_loss(preset: str = "small", target: float = 1.88, data_name: str = "tinyshakespeare",
-                     timeout_s: float = 600.0, extra_args: tuple[str, ...] = ()) -> dict:
+                     timeout_s: float = 900.0, extra_args: tuple[str, ...] = ()) -> dict:
     """Train `preset` with its recipe on Tiny Shakespeare characters in a child process; seconds of
     training until the first evaluation at or below `target` (None if it never gets there).
 
@@ -418,8 +418,12 @@ def time_to_val_loss(preset: str = "small", target: float = 1.88, data_name: str
         argv = [sys.executable, "-m", "core", "pretrain", "--data", data_name, "--tokenizer", "char",
                 "--preset", preset, "--quiet", "--run-id", run_id, *extra_args]
         start = time.perf_counter()
-        proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        try:
+            proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
+                                  env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        except subprocess.TimeoutExpired:
+            return {"time_to_val_loss_s": None,
+                    "time_to_val_loss_note": f"pretrain did not finish within {timeout_s:.0f} s"}
         wall = time.perf_counter() - start
         if proc.returncode:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
