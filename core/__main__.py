@@ -76,18 +76,26 @@ def run_command(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from core import runs
+
     try:
         result = run_command(argv)
+        runs.finish_runs_started_here(stopped=bool(result.get("stopped")))
     except _ArgumentError as e:
         asked_for_help = argv[:1] in (["-h"], ["--help"])
         print(str(e) if asked_for_help else f"error: {e}", file=sys.stderr)
         return 0 if asked_for_help else 2
     except GlassBoxError as e:
+        runs.finish_runs_started_here(error=str(e))
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        runs.finish_runs_started_here(error="Interrupted (Ctrl-C); the last checkpoint is kept.")
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BaseException as e:
+        runs.finish_runs_started_here(error=f"Internal error: {type(e).__name__}: {e}")
+        raise
     print(json.dumps(result, default=str))
     return 0
 

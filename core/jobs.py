@@ -92,7 +92,7 @@ def _spawn(run_id: str, env: dict[str, str] | None) -> subprocess.Popen:
     finally:
         log.close()
     _children[run_id] = proc
-    runs.write_status(run_id, "queued", pid=proc.pid, pid_start=_process_start(proc.pid),
+    runs.write_status(run_id, "queued", pid=proc.pid, pid_start=runs.process_start(proc.pid),
                       message="Starting…", error=None)
     return proc
 
@@ -150,15 +150,6 @@ def stop_job(run_id: str, force: bool = False) -> JobState:
 # ---------------------------------------------------------------------------- watching
 
 
-def _process_start(pid: int) -> str | None:
-    """The process's start time from /proc (to tell a reused pid apart), or None off Linux."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _alive(pid: int | None, pid_start: str | None) -> bool:
     if not pid:
         return False
@@ -178,7 +169,7 @@ def _alive(pid: int | None, pid_start: str | None) -> bool:
             return False  # a zombie has finished
     except (OSError, IndexError):
         return True
-    return pid_start is None or _process_start(pid) == pid_start
+    return pid_start is None or runs.process_start(pid) == pid_start
 
 
 def log_tail(run_id: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -294,7 +285,7 @@ def run_job(run_id: str) -> int:
     os.environ[runs.JOB_RUN_ID_ENV] = run_id  # lets the command take over the reserved folder
     # SIGTERM (e.g. `kill`, a shutting-down server) asks for a clean stop, like the Stop button.
     signal.signal(signal.SIGTERM, lambda *_: runs.request_stop(run_id))
-    runs.write_status(run_id, "running", pid=os.getpid(), pid_start=_process_start(os.getpid()),
+    runs.write_status(run_id, "running", pid=os.getpid(), pid_start=runs.process_start(os.getpid()),
                       message=f"Running: python -m core {' '.join(argv[:1])}", error=None,
                       started_ts=time.time())
     print(f"[job] {time.strftime('%H:%M:%S')} running: python -m core {' '.join(argv)}", flush=True)

@@ -34,6 +34,7 @@ from core.errors import CorruptRunError, RunError, RunExistsError, RunNotFoundEr
 from core.paths import checkpoints_dir
 
 JOB_RUN_ID_ENV = "GLASSBOX_JOB_RUN_ID"  # set inside a background job: the run it may take over
+STARTED_IN_THIS_PROCESS: list[str] = []  # runs this process created outside a job
 STAGES = ("tokenizer", "import", "pretrain", "classify", "instruct", "judge")
 TERMINAL_STATES = ("stopped", "finished", "failed")
 
@@ -257,7 +258,37 @@ def create_run(run_id: str, stage: str, config: dict, parent: str | None = None,
     # else: the folder was reserved by start_job for the background job we are running in.
     full = {"stage": stage, "parent": parent, "created": _now(), **config}
     write_json_atomic(path / "config.json", full)
+    if os.environ.get(JOB_RUN_ID_ENV) != run_id:
+        # Started from a shell, not as a job: record our pid so the app can tell it is alive;
+        # `python -m core` marks it finished / stopped / failed when the command ends.
+        write_status(run_id, "running", pid=os.getpid(), pid_start=process_start(os.getpid()),
+                     message="Running from the command line.")
+        STARTED_IN_THIS_PROCESS.append(run_id)
     return open_run(run_id)
+
+
+def process_start(pid: int) -> str | None:
+    """A process's start time from /proc (tells a reused pid apart), or None off Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def finish_runs_started_here(error: str | None = None, stopped: bool = False) -> None:
+    """Record how a command-line run ended (a background job's runner does this for jobs)."""
+    for run_id in STARTED_IN_THIS_PROCESS:
+        if read_status(run_id).get("state") not in ("running", "reserved", "stopping"):
+            continue  # the command recorded its own end
+        if error:
+            write_status(run_id, "failed", error=error, message=error)
+        elif stopped or stop_requested(run_id):
+            clear_stop(run_id)
+            write_status(run_id, "stopped", message="Stopped; checkpoint saved.")
+        else:
+            write_status(run_id, "finished", message="Finished.")
+    STARTED_IN_THIS_PROCESS.clear()
 
 
 def update_config(run_id: str, **fields: Any) -> dict:
@@ -324,6 +355,8 @@ def read_status(run_id: str) -> dict:
 
 def write_status(run_id: str, state: str, **fields: Any) -> dict:
     status = read_status(run_id)
+    if status.get("state") != state and "message" not in fields:
+        status.pop("message", None)  # the old state's message no longer applies
     status.update(fields)
     status["state"] = state
     status["updated"] = _now()
