@@ -10,7 +10,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core import runs
+from core import jobs, runs
 from core.errors import GlassBoxError
 from core.tasks import classify as C
 from pages._ui import escape, job_controls, page_header, remembered_run, show_error, start_job
@@ -149,13 +149,7 @@ def curves_chart(metrics: list[dict], kind: str):
         color=alt.Color("curve:N", title=None)).properties(height=240)
 
 
-def results_version(run_id: str) -> int | None:
-    path = runs.run_dir(run_id) / "results.json"
-    return path.stat().st_mtime_ns if path.is_file() else None
-
-
-@st.fragment(run_every=1)
-def live_view(run_id: str) -> None:
+def live_view(run_id: str, polling: bool) -> None:
     state = job_controls(run_id, key="classify_job")
     if not (runs.run_dir(run_id) / "config.json").is_file():
         if state and state.active:
@@ -182,15 +176,17 @@ def live_view(run_id: str) -> None:
         st.caption("Train loss is the average over the steps since the last point; accuracies are "
                    "measured at each evaluation (validation: every message; train: the same "
                    f"{C.TRAIN_ACCURACY_SUBSET} messages each time).")
-    # The results below are drawn by a full rerun once the job has written (or rewritten) them.
-    if results_version(run_id) != st.session_state.get(f"classify_results_{run_id}") \
-            and not (state and state.active):
+    # When the job ends, one full rerun draws the results below and stops the polling.
+    if polling and not (state and state.active):
         st.rerun(scope="app")
 
 
-# Remember which results.json this full run draws, so the fragment knows when a newer one appears.
-st.session_state[f"classify_results_{shown}"] = results_version(shown)
-live_view(shown)
+# Poll every second while the job runs; a finished run's curves are drawn once and left alone.
+try:
+    polling = jobs.job_state(shown).active
+except GlassBoxError:
+    polling = False
+st.fragment(run_every=1 if polling else None)(live_view)(shown, polling)
 
 # ---------------------------------------------------------------------------- 4. results
 try:
