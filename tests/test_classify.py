@@ -337,3 +337,10 @@ def test_an_imported_gpt2_style_run_works_unchanged(isolated_workspace):
     assert info["pad_id"] == 50256 and info["pad_length"] <= 64
     assert 0 <= headline["test_accuracy"] <= 1
     assert abs(sum(C.classify_text("gpt2-spam", "Free tickets! Reply WIN").values()) - 1) < 1e-5
+
+
+def test_cli_choices_match_the_core_module():
+    from core.commands import classify as cmd
+
+    assert cmd.FREEZE_MODES == tuple(C.FREEZE_MODES)
+    assert (cmd.DEFAULT_FREEZE, cmd.DEFAULT_STEPS) == (C.DEFAULT_FREEZE, C.DEFAULT_STEPS)
