@@ -96,10 +96,25 @@ def kill_jobs(checkpoints: Path) -> None:
 
 
 def wait_for_app(page, timeout: float = 60_000) -> None:
-    """Wait until Streamlit has finished running the script (no 'Running…' indicator)."""
+    """Wait until Streamlit has run the script at least once and is not running it now.
+
+    The app root carries `data-test-script-state` ("initial" before the first run, then
+    "running" / "notRunning"); before the first run the sidebar still lists the pages/ folder,
+    so waiting for the root element alone is not enough.
+    """
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout)
     page.wait_for_function(
-        """() => !document.querySelector('[data-testid="stStatusWidget"]')""", timeout=timeout)
+        """() => {
+            const app = document.querySelector('[data-testid="stApp"]');
+            return app && app.getAttribute('data-test-script-state') === 'notRunning'
+                && app.getAttribute('data-test-connection-state') === 'CONNECTED';
+        }""", timeout=timeout)
+
+
+def open_page(page, server_url: str, slug: str = "", timeout: float = 90_000) -> None:
+    """Go to a page of the app by its url path ('' is Home) and wait for its first full run."""
+    page.goto(f"{server_url}/{slug}")
+    wait_for_app(page, timeout)
 
 
 def assert_no_exception(page) -> None:
@@ -123,3 +138,146 @@ def screenshot(page, name: str, folder: Path) -> Path:
 def screenshot_dir(tmp_path: Path) -> Path:
     """Screenshots go to a temporary folder, or to docs/ when GLASSBOX_SCREENSHOTS=docs."""
     return REPO / "docs" if os.environ.get("GLASSBOX_SCREENSHOTS") == "docs" else tmp_path / "shots"
+
+
+# ------------------------------------------------------------------------------ what a person sees
+
+
+def element(page, key: str):
+    """The element a page created with `key=...` (Streamlit gives its container a st-key-<key> class)."""
+    return page.locator(f".st-key-{key}")
+
+
+# Points, bars or bins a plotly chart draws, from plotly's own computed data (`calcdata`): works for
+# plain lists and for the packed arrays plotly.py 6 sends; an empty trace counts 0, a heatmap its rows.
+_PLOTLY_POINTS_JS = """el => (el.calcdata || []).reduce((n, cd) => {
+    if (!cd || !cd.length) return n;
+    const first = cd[0];
+    return n + (first && first.z ? first.z.length : cd.filter(p => p && p.x !== undefined && p.x !== false).length);
+}, 0)"""
+
+
+def plotly_points(page, key: str | None = None) -> int:
+    """How many points, bars or bins the plotly chart (by widget key, else the first) draws, all traces."""
+    chart = (element(page, key) if key else page).locator(".js-plotly-plot").first
+    return chart.evaluate(_PLOTLY_POINTS_JS)
+
+
+def wait_for_more_points(page, key: str, than: int, timeout: float) -> int:
+    """Wait until the plotly chart with `key` draws more than `than` points; return how many."""
+    page.wait_for_function(
+        f"""n => {{ const el = document.querySelector('.st-key-{key} .js-plotly-plot');
+                   return el && ({_PLOTLY_POINTS_JS})(el) > n; }}""", arg=than, timeout=timeout)
+    return plotly_points(page, key)
+
+
+def vega_chart(page, text: str | None = None):
+    """An Altair / Vega-Lite chart, the first whose drawing contains `text` (an axis title, a legend)."""
+    charts = page.locator('[data-testid="stVegaLiteChart"]')
+    return (charts.filter(has=page.locator("svg text", has_text=text)) if text else charts).first
+
+
+def vega_marks(chart) -> int:
+    """How many marks (points, bars, cells) a Vega-Lite chart draws as SVG paths."""
+    return chart.locator("svg g.role-mark > path").count()
+
+
+def chart_box(locator) -> dict:
+    """Width and height in CSS pixels of a chart on screen."""
+    box = locator.bounding_box()
+    return {"width": box["width"] if box else 0, "height": box["height"] if box else 0}
+
+
+def set_slider_to_minimum(page, name: str) -> None:
+    """Move a Streamlit slider to its smallest value with the keyboard, as a person could."""
+    slider = page.get_by_role("slider", name=name).first
+    slider.focus()
+    slider.press("Home")
+
+
+def metric_value(page, label: str) -> str:
+    """The value shown by `st.metric(label, ...)`."""
+    metric = page.locator('[data-testid="stMetric"]').filter(
+        has=page.locator('[data-testid="stMetricLabel"]', has_text=label)).first
+    return metric.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+def go_to(page, label: str, timeout: float = 90_000) -> None:
+    """Follow a link in the sidebar's navigation (e.g. '4. Pre-training' or 'Home'), as a person would."""
+    nav = page.locator('[data-testid="stSidebarNav"]')
+    nav.get_by_role("link", name=label, exact=False).first.click()
+    page.wait_for_function(
+        """label => {
+            const link = [...document.querySelectorAll('[data-testid="stSidebarNav"] a')]
+                .find(a => a.innerText.includes(label));
+            return link && link.getAttribute('aria-current') === 'page';
+        }""", arg=label, timeout=timeout)
+    wait_for_app(page, timeout)
+
+
+def close_page_not_found(page) -> bool:
+    """Streamlit's 'Page not found' dialog (deep links while a pages/ folder exists): close it.
+    Returns whether it was shown."""
+    dialog = page.get_by_role("dialog").filter(has_text="Page not found")
+    if dialog.count() == 0:
+        return False
+    dialog.get_by_role("button", name="Close").click()
+    return True
+
+
+def dataframe(page, column: str):
+    """The st.dataframe whose columns include `column` (Glide's grid keeps an accessible table)."""
+    return page.locator('[data-testid="stDataFrame"]').filter(
+        has=page.locator("table th", has_text=column)).first
+
+
+def dataframe_rows(table) -> int:
+    """Rows of data (not the header) an st.dataframe holds (its grid's aria-rowcount, less the header)."""
+    return int(table.locator("table[role=grid]").first.get_attribute("aria-rowcount") or 1) - 1
+
+
+def act_until(action, effect, attempts: int = 3, timeout: float = 20_000) -> None:
+    """Do `action` until `effect` (a locator) is visible: a click that lands while Streamlit is
+    still redrawing the previous state can be lost, so a person would simply click again."""
+    from playwright.sync_api import expect
+
+    for attempt in range(attempts):
+        action()
+        try:
+            expect(effect).to_be_visible(timeout=timeout)
+            return
+        except AssertionError:
+            if attempt == attempts - 1:
+                raise
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the selectbox labelled `label`."""
+    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def set_number(page, label: str, value) -> None:
+    """Type a value into a number (or text) input and commit it with Enter."""
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    wait_for_app(page)
+
+
+def bring_to_top(locator) -> None:
+    """Scroll so that `locator` sits at the top of the screen (for a screenshot of that part)."""
+    locator.evaluate("e => e.scrollIntoView({block: 'start'})")
+    locator.page.wait_for_timeout(400)  # let charts drawn on scroll settle
+
+
+def sidebar_text(page) -> str:
+    return page.locator('[data-testid="stSidebarUserContent"]').inner_text()
+
+
+def charts_on_screen(page) -> list[dict]:
+    """Size of every plotly and Vega-Lite chart on the page, after scrolling through it once."""
+    return page.evaluate("""() => [...document.querySelectorAll(
+            '[data-testid="stPlotlyChart"], [data-testid="stVegaLiteChart"]')]
+        .map(e => { const r = e.getBoundingClientRect();
+                    return {kind: e.getAttribute('data-testid'), width: r.width, height: r.height}; })""")
