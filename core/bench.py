@@ -433,6 +433,7 @@ def time_to_val_loss(preset: str = "small", target: float = 1.88, data_name: str
     evals = [r for r in rows if r.get("val_loss") is not None]
     reached = next((r for r in evals if r["val_loss"] <= target), None)
     return {"time_to_val_loss_s": reached["elapsed_s"] if reached else None,
+            "time_to_val_loss_step": reached["step"] if reached else None,
             "time_to_val_loss_target": target,
             "final_val_loss": evals[-1]["val_loss"] if evals else None,
             "train_s": rows[-1]["elapsed_s"] if rows else None, "steps": rows[-1]["step"] if rows else None,
