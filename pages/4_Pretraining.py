@@ -96,11 +96,12 @@ with st.expander("Training settings", expanded=False):
     else:
         budget = s1.number_input("Steps", 1, 200_000, int(defaults.get("max_steps") or 1000), 100,
                                  key=f"pt_steps_{preset}")
-    batch_size = s2.select_slider("Batch size (sequences)", [4, 8, 16, 32, 64],
-                                  value=defaults.get("batch_size", 32), key=f"pt_batch_{preset}")
-    lr = s2.select_slider("Peak learning rate", [3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3],
-                          value=defaults.get("lr", 1e-3), key=f"pt_lr_{preset}",
-                          format_func=lambda v: f"{v:.0e}")
+    batch_default = defaults.get("batch_size", 32)
+    batch_size = s2.select_slider("Batch size (sequences)", sorted({4, 8, 16, 32, 64, batch_default}),
+                                  value=batch_default, key=f"pt_batch_{preset}")
+    lr_default = defaults.get("lr", 1e-3)
+    lr = s2.select_slider("Peak learning rate", sorted({3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 6e-3, 1e-2, lr_default}),
+                          value=lr_default, key=f"pt_lr_{preset}", format_func=lambda v: f"{v:.0e}")
     warmup = s2.number_input("Warm-up steps", 0, 5000, int(defaults.get("warmup_steps", 50)),
                              key=f"pt_warmup_{preset}")
     eval_every = s3.number_input("Validation loss every … steps", 1, 10_000,

@@ -94,3 +94,14 @@ def test_a_bad_run_name_is_refused_on_the_page():
     assert not at.exception
     assert any("not a valid run id" in e.value for e in at.error)
     assert not runs.list_runs()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_every_preset_offers_its_recipe_as_defaults(preset):
+    from core.tasks.pretrain import recipe
+
+    at = page()
+    at.selectbox(key="pt_preset").select(preset).run()
+    assert not at.exception
+    assert at.select_slider(key=f"pt_lr_{preset}").value == recipe(preset)["lr"]
+    assert at.select_slider(key=f"pt_batch_{preset}").value == recipe(preset)["batch_size"]
