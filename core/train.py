@@ -729,7 +729,13 @@ class _Loop:
                 break
 
             lr = learning_rate(c, self.step, budget_progress(c, self.step, self.tokens, elapsed, self.eval_seconds))
-            loss = self.train_step(lr)
+            try:
+                loss = self.train_step(lr)
+            except KeyboardInterrupt:  # Ctrl-C on the command line: keep the work done so far
+                self.model.zero_grad(set_to_none=True)
+                if self.is_writer:
+                    self.checkpoint(self.elapsed())
+                return self.summary(train_loss, self.elapsed(), stopped=True)
             loss = self.sync.loss(loss)
             if self.step == 0 and self.is_writer and math.isfinite(loss):
                 # The learner's first point, logged before AdamW is built (building it imports

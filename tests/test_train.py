@@ -304,3 +304,16 @@ def test_progress_summary_and_downsample_for_the_page():
     thin = downsample(rows, 30)
     assert len(thin) <= 31 and thin[0] is rows[0] and thin[-1] is rows[-1]
     assert downsample(rows[:5], 30) == rows[:5]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_returns_stopped():
+    class Interrupted(LanguageModelTask):
+        def get_batch(self, split, step, batch_size, generator):
+            if step == 5:
+                raise KeyboardInterrupt
+            return super().get_batch(split, step, batch_size, generator)
+
+    run_id = new_run("ctrlc")
+    result = train(run_id, tiny_model(), Interrupted(corpus_ids(), context_length=16), config())
+    assert result["stopped"] is True and result["steps"] == 5
+    assert runs.read_json(runs.run_dir(run_id) / "train_state.json")["step"] == 5
