@@ -535,9 +535,12 @@ def fine_tune(run_id: str, start: str | None = None, data_source: str = "sms-spa
                         parent=start_run, resume=resume)
         tokenizer.save(path / "tokenizer.json")
 
-    standalone = runs.read_status(run_id).get("pid") != _os_pid()  # not inside a background job
+    # Outside a background job (a shell, a script, a test) this call records the run's state
+    # itself, resumes included; inside a job, the job runner does.
+    standalone = os.environ.get(runs.JOB_RUN_ID_ENV) != run_id
     if standalone:
-        runs.write_status(run_id, "running", message="Fine-tuning…", pid=_os_pid())
+        runs.write_status(run_id, "running", message="Fine-tuning from the command line.",
+                          pid=os.getpid(), pid_start=runs.process_start(os.getpid()), error=None)
     try:
         task = ClassificationTask(data)
         summary = train(run_id, model, task, train_config, resume=resume, device=device, progress=progress)
@@ -554,10 +557,6 @@ def fine_tune(run_id: str, start: str | None = None, data_source: str = "sms-spa
         runs.clear_stop(run_id)
         runs.write_status(run_id, state, message=state.capitalize() + ".", result=headline(run_id, results))
     return headline(run_id, results)
-
-
-def _os_pid() -> int:
-    return os.getpid()
 
 
 def final_results(model: nn.Module, data: SmsData, summary: dict) -> dict:
