@@ -20,7 +20,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -30,6 +29,7 @@ from typing import Callable
 
 from core.errors import DataError
 from core.paths import downloads_dir, search_dirs
+from core.runs import write_bytes_atomic
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # keep in step with .streamlit/config.toml maxUploadSize
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -277,7 +277,7 @@ def save_upload(filename: str, data: bytes) -> str:
     decode_text(data, f"The upload {filename!r}")
     path = _upload_path(filename)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     return f"upload:{path.name}"
 
 
@@ -294,19 +294,6 @@ def list_uploads() -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- downloads
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _download(url: str, progress: Progress | None, timeout: float) -> bytes:
@@ -351,7 +338,7 @@ def fetch(name: str, progress: Progress | None = None, timeout: float = DOWNLOAD
         )
     target = downloads_dir() / source.filename
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(target, data)
+    write_bytes_atomic(target, data)
     return target
 
 
