@@ -267,13 +267,13 @@ if ask:
 # ---------------------------------------------------------------------------- 6. side by side
 finished = [r for r in classifier_runs if (r.path / "results.json").is_file()]
 st.header("6 · Side by side: what does pre-training buy?")
-if len(finished) < 2:
-    st.caption("Fine-tune a second run to compare — for example the same start run with "
-               "**random** starting weights, or another freeze mode.")
 st.caption("What to expect (measured on a 2-core CPU, 300 steps from a 5-minute `base` run): with "
            "**head** only learning, pre-trained features reach ~86 % test accuracy and random ones "
            "~76 %; with **all** weights learning both reach ~97 % — spam is easy enough that a "
            "small network learns it from scratch. Pre-training pays most when little can change.")
+if len(finished) < 2:
+    st.caption("Fine-tune a second run to compare — for example the same start run with "
+               "**random** starting weights, or another freeze mode.")
     st.stop()
 ids = [r.id for r in finished]
 c1, c2 = st.columns(2)
