@@ -166,7 +166,10 @@ def test_importing_a_gpt2_vocabulary_model_uses_the_gpt2_tokenizer(tmp_path):
 def test_inspect_reports_budget_and_shapes():
     result = run_command(["inspect", "--preset", "small", "--vocab-size", "65", "--tokens", "5"])
     assert result["parameters"] == sum(result["breakdown"].values())
-    assert result["layers"] == 4 and result["shapes"]["lm_head"] == [1, 5, 65]
+    from core.model import PRESETS
+
+    assert result["layers"] == PRESETS["small"]["n_layer"] and result["shapes"]["lm_head"] == [1, 5, 65]
+    assert f"blocks.{result['layers'] - 1}.mlp.fc" in result["shapes"]
     big = run_command(["inspect", "--preset", "gpt2-124m"])
     assert big["parameters"] == 124_439_808 and big["shapes"]["blocks.11.mlp.fc"] == [1, 8, 3072]
 
