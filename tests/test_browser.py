@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import zlib
 
 import pytest
 
@@ -61,9 +62,19 @@ def server(workdir):
 
 @pytest.fixture(scope="module")
 def judge():
-    from tests.fake_openai_server import FakeOpenAIServer
+    from tests.fake_openai_server import FakeOpenAIServer, default_responder
 
-    with FakeOpenAIServer(models=("judge-model",)) as fake:
+    def varied_scores(body: dict):
+        """A judge with opinions: each answer gets its own (deterministic) score, so the charts show a spread."""
+        text = json.dumps(body.get("messages", []))
+        if "Response A" in text:
+            return default_responder(body)
+        score = 15 + zlib.crc32(text.encode()) % 80
+        return json.dumps({"criteria": {"correctness": 1 + score // 25, "instruction_following": 1 + score // 25,
+                                        "completeness": 1 + score // 30, "concision": 3},
+                           "score": score, "rationale": f"Scored {score}: scripted by the test."})
+
+    with FakeOpenAIServer(models=("judge-model",), responder=varied_scores) as fake:
         yield fake
 
 
@@ -120,10 +131,10 @@ def start_and_watch(page, button: str, live_section: str, what: str, problems: l
 
     page.get_by_role("button", name=button).click()
     try:
-        expect(page.get_by_text(live_section)).to_be_visible(timeout=30_000)
+        expect(page.get_by_text(live_section)).to_be_visible(timeout=20_000)
     except AssertionError:
         problems.append(
-            f"{what}: 30 s after '{button}' the page still did not show '{live_section}': the learner "
+            f"{what}: 20 s after '{button}' the page still did not show '{live_section}': the learner "
             "sees no sign of the job they started until they leave the page and come back.")
         go_to(page, "Home")
         go_to(page, STAGES[int(what.split()[-1]) - 1])
@@ -133,6 +144,14 @@ def start_and_watch(page, button: str, live_section: str, what: str, problems: l
 @pytest.mark.timeout(1800)
 def test_the_seven_stages_in_order(server, judge, page, shots, workdir):
     """A learner's first session: every stage with its smallest settings, as a person clicks it."""
+    try:
+        walk_the_seven_stages(server, judge, page, shots, workdir)
+    except Exception:
+        page.screenshot(path=str(workdir / "failure.png"))  # what the learner saw when it went wrong
+        raise
+
+
+def walk_the_seven_stages(server, judge, page, shots, workdir):
     from playwright.sync_api import expect
 
     timings, problems = {}, []
@@ -198,9 +217,8 @@ def test_the_seven_stages_in_order(server, judge, page, shots, workdir):
     act_until(lambda: choose(page, "Model preset", "tiny"), page.get_by_text("tiny: 2 blocks"))
     wait_for_app(page)
     page.get_by_text("Training settings").click()
-    act_until(lambda: page.get_by_role("radiogroup", name="Budget").get_by_text("steps").click(),
-              page.get_by_label("Steps", exact=True))
-    for label, value in (("Steps", 60), ("Validation loss every … steps", 20), ("Text sample every … steps", 20)):
+    # A minute of training whatever the machine's speed: time to leave the page and come back.
+    for label, value in (("Minutes", 1.0), ("Validation loss every … steps", 20), ("Text sample every … steps", 20)):
         set_number(page, label, value)
     start_and_watch(page, "Start training", "2 · Watch it learn", "Stage 4", problems)
     chart = element(page, "pt_loss_chart")
@@ -224,7 +242,7 @@ def test_the_seven_stages_in_order(server, judge, page, shots, workdir):
     final_look = plotly_points(page, "pt_loss_chart")
     final_step = int(metric_value(page, "step").replace(",", ""))
     assert first_look < second_look <= final_look, (first_look, second_look, final_look)
-    assert first_step < final_step == 60
+    assert first_step < final_step
     assert metric_value(page, "val loss") != "—"
     samples = dataframe(page, "sample (newest first)")
     assert dataframe_rows(samples) >= 2, "no text samples were shown"
@@ -233,7 +251,7 @@ def test_the_seven_stages_in_order(server, judge, page, shots, workdir):
     assert box["width"] >= 700 and box["height"] >= 300, box  # readable from the back of the room
     bring_to_top(page.get_by_role("heading", name="2 · Watch it learn"))
     screenshot(page, "stage-4", shots)
-    lap("stage 4: 60 steps")
+    lap("stage 4: a minute of training")
 
     # -- 5. Classification: ten steps from the tiny model; accuracy, confusion matrix.
     go_to(page, STAGES[4])
@@ -277,7 +295,7 @@ def test_the_seven_stages_in_order(server, judge, page, shots, workdir):
     screenshot(page, "stage-6", shots)
     lap("stage 6: instructions")
 
-    # -- 7. The judge: a scripted OpenAI-compatible server on loopback grades three answers.
+    # -- 7. The judge: a scripted OpenAI-compatible server on loopback grades five pairs of answers.
     go_to(page, STAGES[6])
     choose(page, "Preset", "Custom")
     wait_for_app(page)
@@ -290,13 +308,13 @@ def test_the_seven_stages_in_order(server, judge, page, shots, workdir):
     expect(page.locator('[data-testid="stAlertContentSuccess"]').first).to_be_visible()
     page.get_by_role("radiogroup", name="Mode").get_by_text("single").click()
     wait_for_app(page)
-    set_number(page, "Instructions to judge", 3)
+    set_number(page, "Instructions to judge", 5)
     page.get_by_role("button", name="Start judging").click()
     expect(page.get_by_role("heading", name="Every judgement")).to_be_visible(timeout=JOB_WAIT)
-    assert len(judge.chat_requests) >= 6  # 3 instructions × (pre-trained, tuned)
-    assert metric_value(page, "tuned: mean judge score") == "90.0"  # the script's score
+    assert len(judge.chat_requests) >= 10  # 5 instructions × (pre-trained, tuned)
+    assert re.fullmatch(r"\d+\.\d", metric_value(page, "tuned: mean judge score"))
     assert plotly_points(page, "judge_hist") >= 1
-    assert dataframe_rows(dataframe(page, "rationale")) == 6
+    assert dataframe_rows(dataframe(page, "rationale")) == 10
     assert_no_exception(page)
     bring_to_top(page.get_by_role("heading", name="4. Results"))
     screenshot(page, "stage-7", shots)
@@ -344,8 +362,9 @@ def test_two_students_share_the_runs_and_queue_for_the_job_slot(server, browser,
         sidebar_a = a.locator('[data-testid="stSidebarUserContent"]')
         expect(sidebar_a.get_by_text(f"{run_a} · pretrain · running")).to_be_visible(timeout=JOB_WAIT)
 
-        # B browses: the home page lists A's running job, the sidebar too.
-        go_to(b, "Home")
+        # B browses: the home page (opened afresh) lists A's running job, the sidebar too.
+        b.reload()
+        wait_for_app(b)
         sidebar_b = b.locator('[data-testid="stSidebarUserContent"]')
         expect(sidebar_b.get_by_text(f"{run_a} · pretrain · running")).to_be_visible()
         expect(b.get_by_text(f"running: {run_a}")).to_be_visible()
@@ -408,7 +427,8 @@ def test_every_page_fits_a_projector(server, page):
         if content["width"] < 800:
             problems.append(f"{label}: the content is only {content['width']:.0f}px wide")
         for chart in charts_on_screen(page):
-            if chart["width"] and (chart["width"] < 300 or chart["height"] < 150):
+            # A third of the content width is the smallest chart that still reads from the back row.
+            if chart["width"] and (chart["width"] < 250 or chart["height"] < 180):
                 problems.append(f"{label}: a {chart['kind']} is only {chart['width']:.0f}×{chart['height']:.0f}px")
     assert not problems, "\n".join(problems)
 
@@ -421,11 +441,11 @@ def test_first_visit_without_data_never_blocks(browser, tmp_path):
     """No data downloaded, no internet, no runs: every page renders and says what to do next."""
     from playwright.sync_api import expect
 
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "data").mkdir()
-    srv = start_server(tmp_path, {"GLASSBOX_DATA_DIR": str(empty), "GLASSBOX_MAX_JOBS": "1",
+    home = tmp_path / "first-visit"  # checkpoints/ and data/ of its own, both empty
+    empty = home / "no-data"
+    for folder in (empty, home / "checkpoints", home / "data"):
+        folder.mkdir(parents=True)
+    srv = start_server(home, {"GLASSBOX_DATA_DIR": str(empty), "GLASSBOX_MAX_JOBS": "1",
                                   "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
     context = browser.new_context(viewport=PROJECTOR)
     page = context.new_page()
@@ -458,4 +478,4 @@ def test_first_visit_without_data_never_blocks(browser, tmp_path):
     finally:
         context.close()
         srv.stop()
-        kill_jobs(tmp_path / "checkpoints")
+        kill_jobs(home / "checkpoints")
