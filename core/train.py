@@ -224,8 +224,11 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             bad(f"{name.replace('_', ' ').capitalize()} must be a whole number ≥ 1 (got {value!r}).")
-    if config.warmup_steps is None or config.warmup_steps < 0:
-        bad("Warm-up steps cannot be negative.")
+    if not isinstance(config.warmup_steps, int) or isinstance(config.warmup_steps, bool) \
+            or config.warmup_steps < 0:
+        bad(f"Warm-up steps must be a whole number ≥ 0 (got {config.warmup_steps!r}).")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
+        bad(f"The seed must be a whole number ≥ 0 (got {config.seed!r}).")
     budgets = [config.max_steps, config.max_minutes, config.max_tokens]
     if all(b is None for b in budgets):
         bad("Give the run a budget: a number of steps, minutes or tokens.")

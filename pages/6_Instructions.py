@@ -156,7 +156,11 @@ def live_view(run_id: str) -> None:
 live_view(shown)
 
 # ---------------------------------------------------------------------------- 4. results
-rates = ins.read_format_rates(shown)
+try:
+    rates = ins.read_format_rates(shown)
+except GlassBoxError as e:
+    show_error(e)
+    st.stop()
 if rates is None:
     st.caption("The side-by-side comparison appears when the run finishes (a stopped run: "
                "resume it to finish).")

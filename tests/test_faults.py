@@ -378,9 +378,7 @@ HALF_JSON = b'{"test_accuracy": 0.9, "val_acc'
 
 @pytest.mark.parametrize("page, stage, files", [
     ("5_Classification.py", "classify", {"results.json": HALF_JSON}),
-    pytest.param("6_Instructions.py", "instruct", {"format_rates.json": HALF_JSON}, marks=pytest.mark.xfail(
-        strict=True, reason="pages/6_Instructions.py calls ins.read_format_rates outside try/except: "
-                            "a damaged format_rates.json raises CorruptRunError as a traceback")),
+    ("6_Instructions.py", "instruct", {"format_rates.json": HALF_JSON}),
     ("6_Instructions.py", "instruct", {"format_rates.json": b'{"start": 0.1, "tuned": 0.9, "n": 3, '
                                                              b'"max_new_tokens": 8}',
                                        "responses.json": b"[{\"instruction\": \"x\""}),
