@@ -12,8 +12,10 @@ from pages._ui import STAGES, job_sidebar
 st.set_page_config(page_title="Glass Box LLM", page_icon="🔍", layout="wide")
 
 home = st.Page("pages/home.py", title="Home", icon="🏠", default=True)
-stage_pages = [st.Page(s.file, title=f"{s.number}. {s.title}", icon=s.icon, url_path=s.slug)
+stage_pages = [st.Page(s.file, title=f"{s.number}. {s.title}", icon=s.icon)
                for s in STAGES]
+# URL paths are Streamlit's own, from the file names (/Tokenisation, ...): custom lowercase
+# paths made a deep link's first load flash "Page not found", as pages/ is also scanned by name.
 navigation = st.navigation({"Glass Box LLM": [home], "Build a GPT, stage by stage": stage_pages})
 
 # The app's own torch work must not fight a training job for the cores (see core/device.py).

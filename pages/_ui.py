@@ -20,28 +20,27 @@ class Stage:
     number: int
     title: str
     file: str
-    slug: str
     icon: str
     teaches: str
     run_stages: tuple[str, ...]  # run-store stages this page produces
 
 
 STAGES = [
-    Stage(1, "Text and tokens", "pages/1_Tokenisation.py", "tokenisation", "🔤",
+    Stage(1, "Text and tokens", "pages/1_Tokenisation.py", "🔤",
           "Text becomes numbers: characters, words and byte-pair merges, and back again.",
           ("tokenizer",)),
-    Stage(2, "Attention", "pages/2_Attention.py", "attention", "👀",
+    Stage(2, "Attention", "pages/2_Attention.py", "👀",
           "Each token looks at the others: scaled dot-product, causal and multi-head attention.", ()),
-    Stage(3, "The GPT architecture", "pages/3_Architecture.py", "architecture", "🏗️",
+    Stage(3, "The GPT architecture", "pages/3_Architecture.py", "🏗️",
           "Embeddings, blocks, layer norm and the output head; every shape and parameter counted.",
           ("import",)),
-    Stage(4, "Pre-training", "pages/4_Pretraining.py", "pretraining", "📉",
+    Stage(4, "Pre-training", "pages/4_Pretraining.py", "📉",
           "Next-token prediction: watch the loss fall and the samples turn into words.", ("pretrain",)),
-    Stage(5, "Classification fine-tuning", "pages/5_Classification.py", "classification", "📨",
+    Stage(5, "Classification fine-tuning", "pages/5_Classification.py", "📨",
           "Swap the output head and teach the model to tell spam from ham.", ("classify",)),
-    Stage(6, "Instruction fine-tuning", "pages/6_Instructions.py", "instructions", "💬",
+    Stage(6, "Instruction fine-tuning", "pages/6_Instructions.py", "💬",
           "Teach the model to answer instructions instead of continuing text.", ("instruct",)),
-    Stage(7, "LLM-judge evaluation", "pages/7_Judge.py", "judge", "⚖️",
+    Stage(7, "LLM-judge evaluation", "pages/7_Judge.py", "⚖️",
           "A stronger model scores the answers against a frozen rubric.", ("judge",)),
 ]
 

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--data", default="tinyshakespeare", help="corpus (python-docs is always there)")
-    parser.add_argument("--page", default="pretraining", help="URL path of the page to keep open")
+    parser.add_argument("--page", default="Pretraining", help="URL path of the page to keep open")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
     args = parser.parse_args(argv)
 
