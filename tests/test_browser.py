@@ -362,7 +362,11 @@ def test_two_students_share_the_runs_and_queue_for_the_job_slot(server, browser,
         sidebar_a = a.locator('[data-testid="stSidebarUserContent"]')
         expect(sidebar_a.get_by_text(f"{run_a} · pretrain · running")).to_be_visible(timeout=JOB_WAIT)
 
-        # B browses: the home page (opened afresh) lists A's running job, the sidebar too.
+        # B browses: the home page (opened afresh once A's run is on disk) lists A's running job.
+        config = workdir / "checkpoints" / run_a / "config.json"
+        deadline = time.monotonic() + JOB_WAIT / 1000
+        while not config.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
         b.reload()
         wait_for_app(b)
         sidebar_b = b.locator('[data-testid="stSidebarUserContent"]')
@@ -384,7 +388,7 @@ def test_two_students_share_the_runs_and_queue_for_the_job_slot(server, browser,
         expect(sidebar_a.get_by_text(queued)).to_be_visible()  # A sees B waiting too
         assert jobs.job_state(run_b).state == "queued"
         assert jobs.job_state(run_a).state == "running"
-        screenshot(b, "two-students-queued", screenshot_dir(workdir))
+        screenshot(b, "two-students-queued", workdir / "shots")  # not for the README
 
         # Clean up: B's job leaves the queue, A stops theirs with the page's Stop button.
         jobs.stop_job(run_b)
