@@ -253,7 +253,7 @@ def act_until(action, effect, attempts: int = 3, timeout: float = 20_000) -> Non
 
 def choose(page, label: str, option: str) -> None:
     """Pick `option` in the selectbox labelled `label`."""
-    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("combobox", name=label, exact=True).click()
     page.get_by_role("option", name=option, exact=True).click()
 
 

@@ -329,14 +329,17 @@ def walk_the_seven_stages(server, judge, page, shots, workdir):
 # ------------------------------------------------------------------------------ two students
 
 
-def set_up_tiny_run(page, steps: int) -> str:
-    """Stage 4 with the tiny preset and a step budget; returns the run name the page proposes."""
+def set_up_tiny_run(page, minutes: float | None = None, steps: int | None = None) -> str:
+    """Stage 4 with the tiny preset and a time or step budget; returns the run name the page proposes."""
     act_until(lambda: choose(page, "Model preset", "tiny"), page.get_by_text("tiny: 2 blocks"))
     wait_for_app(page)
     page.get_by_text("Training settings").click()
-    act_until(lambda: page.get_by_role("radiogroup", name="Budget").get_by_text("steps").click(),
-              page.get_by_label("Steps", exact=True))
-    set_number(page, "Steps", steps)
+    if steps is not None:
+        act_until(lambda: page.get_by_role("radiogroup", name="Budget").get_by_text("steps").click(),
+                  page.get_by_label("Steps", exact=True))
+        set_number(page, "Steps", steps)
+    else:
+        set_number(page, "Minutes", minutes)
     return page.get_by_label("Run name", exact=True).input_value()
 
 
@@ -357,7 +360,7 @@ def test_two_students_share_the_runs_and_queue_for_the_job_slot(server, browser,
             open_page(p, server.url)
 
         go_to(a, STAGES[3])
-        run_a = set_up_tiny_run(a, 400)  # long enough to still be running when B asks
+        run_a = set_up_tiny_run(a, minutes=3)  # still running when B asks, on any machine; stopped below
         a.get_by_role("button", name="Start training").click()
         sidebar_a = a.locator('[data-testid="stSidebarUserContent"]')
         expect(sidebar_a.get_by_text(f"{run_a} · pretrain · running")).to_be_visible(timeout=JOB_WAIT)
@@ -380,7 +383,7 @@ def test_two_students_share_the_runs_and_queue_for_the_job_slot(server, browser,
 
         # B asks for a second training: it is queued, and every page's sidebar says why.
         go_to(b, STAGES[3])
-        run_b = set_up_tiny_run(b, 20)
+        run_b = set_up_tiny_run(b, steps=20)
         b.get_by_role("button", name="Start training").click()
         queued = f"{run_b} · pretrain · queued"
         expect(sidebar_b.get_by_text(queued)).to_be_visible()
@@ -394,6 +397,12 @@ def test_two_students_share_the_runs_and_queue_for_the_job_slot(server, browser,
         jobs.stop_job(run_b)
         expect(sidebar_b.get_by_text(queued)).to_be_hidden(timeout=JOB_WAIT)
         go_to(a, STAGES[3])
+        if not a.get_by_text(f"{run_a} — running").count():  # the page may show an older run
+            box = a.get_by_role("combobox", name="Run", exact=True)
+            box.click()
+            box.press_sequentially(run_a)
+            box.press("Enter")
+            expect(a.get_by_text(f"{run_a} — running")).to_be_visible()
         a.get_by_role("button", name="Stop").first.click()
         expect(sidebar_a.get_by_text("No job running.")).to_be_visible(timeout=JOB_WAIT)
         assert jobs.job_state(run_a).state == "stopped"
