@@ -18,7 +18,8 @@ from core.errors import GlassBoxError
 from core.model import PRESETS, count_parameters, preset_config
 from core.tasks.pretrain import recipe
 from core.train import downsample, progress_summary
-from pages._ui import escape, job_controls, page_header, remembered_run, show_error, start_job
+from pages._ui import (escape, job_controls, page_header, remembered_run, run_ids_with_pending, show_error,
+                       start_job, waiting_to_start)
 
 PAGE_KEY = "pretrain_run"
 TRAINABLE_PRESETS = [name for name, p in PRESETS.items() if "vocab_size" not in p]  # not GPT-2's shapes
@@ -132,8 +133,8 @@ if r2.button("Start training", type="primary", key="pt_start"):
             st.rerun()
 
 # ---------------------------------------------------------------------------- 2. watch it learn
-pretrain_runs = [r for r in runs.list_runs("pretrain") if not r.error]
-if not pretrain_runs:
+run_ids = run_ids_with_pending(("pretrain",), "pretrain")
+if not run_ids:
     st.info("No pre-training run yet. Start one above: the loss curve, the learning rate and the "
             "samples appear here while it trains. On the command line: "
             "`python -m core pretrain --data tinyshakespeare --tokenizer char --preset small --run-id my-first`.",
@@ -141,7 +142,6 @@ if not pretrain_runs:
     st.stop()
 
 st.header("2 · Watch it learn")
-run_ids = [r.id for r in pretrain_runs]
 default = remembered_run(PAGE_KEY, ("pretrain",), "pretrain")
 shown = st.selectbox("Run", run_ids, index=run_ids.index(default) if default in run_ids else 0,
                      key="pt_shown")
@@ -190,6 +190,8 @@ def open_shown(run_id: str):
 def live_loss(run_id: str) -> None:
     """Job state, headline figures and the loss curve: redrawn every second."""
     job_controls(run_id, key="pt_job")
+    if waiting_to_start(run_id):
+        return
     run = open_shown(run_id)
     if run is None:
         return
@@ -217,6 +219,8 @@ def live_loss(run_id: str) -> None:
 
 @st.fragment(run_every=2)
 def live_schedule(run_id: str) -> None:
+    if not (runs.run_dir(run_id) / "config.json").exists():
+        return  # still starting: live_loss says so
     run = open_shown(run_id)
     if run is None:
         return
@@ -229,6 +233,8 @@ def live_schedule(run_id: str) -> None:
 
 @st.fragment(run_every=2)
 def live_samples(run_id: str) -> None:
+    if not (runs.run_dir(run_id) / "config.json").exists():
+        return  # still starting: live_loss says so
     run = open_shown(run_id)
     if run is None:
         return
@@ -257,7 +263,9 @@ st.caption("Overlay two or more runs — say `tiny` against `small`, or characte
            "feel what scale buys. Against seconds, a bigger model must also pay for its size. "
            "(Runs with different tokenisers are not measured in the same units: a BPE token holds "
            "~3 characters, so its loss per token is naturally higher.)")
-chosen = st.multiselect("Runs", run_ids, default=run_ids[:2] if len(run_ids) > 1 else run_ids[:1],
+pretrain_runs = [r for r in runs.list_runs("pretrain") if not r.error]
+compare_ids = [r.id for r in pretrain_runs]
+chosen = st.multiselect("Runs", compare_ids, default=compare_ids[:2],
                         key="pt_compare")
 x_axis = st.radio("Against", ["step", "tokens", "elapsed_s"], horizontal=True, key="pt_compare_x",
                   format_func={"step": "steps", "tokens": "tokens seen", "elapsed_s": "seconds"}.get)

@@ -135,6 +135,23 @@ def job_controls(run_id: str, key: str, resume_env: dict | None = None) -> jobs.
     return state
 
 
+def run_ids_with_pending(stages: tuple[str, ...], command: str) -> list[str]:
+    """Run ids to offer on a page: jobs of `command` still starting or queued (their run has no
+    config.json until the child process has loaded PyTorch) first, then the runs on disk."""
+    listed = [r.id for r in runs.list_runs(stages) if not r.error]
+    pending = [s.run_id for s in jobs.active_jobs() if s.command == command and s.run_id not in listed]
+    return pending + listed
+
+
+def waiting_to_start(run_id: str) -> bool:
+    """True (and says so) while a job's run has no config yet: queued, or still starting."""
+    if (runs.run_dir(run_id) / "config.json").exists():
+        return False
+    st.info("The job is starting (loading PyTorch) or waiting in the queue: its figures appear "
+            "here at its first step.", icon="⏳")
+    return True
+
+
 def remembered_run(page_key: str, stages: tuple[str, ...], command: str) -> str | None:
     """The run this page last started (kept in the session), else the newest active job for
     this command, else the newest run of these stages: so a reload finds the job again."""
@@ -150,15 +167,13 @@ def remembered_run(page_key: str, stages: tuple[str, ...], command: str) -> str 
 
 @st.fragment(run_every=2)
 def _job_sidebar_body() -> None:
-    active = jobs.active_jobs()
-    if not active:
-        st.caption("No job running.")
-        return
-    for state in active:
+    # Always exactly one element, so a finished job's line can never linger under a new text.
+    lines = []
+    for state in jobs.active_jobs():
         icon = STATE_ICONS.get(state.state, "❔")
-        st.markdown(f"{icon} **{escape(state.run_id)}** · {escape(state.command)} · {escape(state.state)}")
-        if state.message:
-            st.caption(state.message)
+        lines.append(f"{icon} **{escape(state.run_id)}** · {escape(state.command)} · {escape(state.state)}"
+                     + (f"  \n{escape(state.message)}" if state.message else ""))
+    st.markdown("\n\n".join(lines) if lines else "No job running.")
 
 
 def job_sidebar() -> None:

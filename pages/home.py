@@ -12,31 +12,35 @@ st.markdown(
     "Every number is computed here, in front of you; nothing is a black box."
 )
 
-all_runs = runs.list_runs()
-active = {state.run_id: state for state in jobs.active_jobs()}
+@st.fragment(run_every=3)
+def the_path() -> None:
+    """The seven stages with their runs and jobs, re-read from disk every few seconds."""
+    all_runs = runs.list_runs()
+    active = {state.run_id: state for state in jobs.active_jobs()}
+    st.header("The path")
+    for stage in STAGES:
+        stage_runs = [r for r in all_runs if r.stage in stage.run_stages]
+        running = [r for r in stage_runs if r.id in active]
+        with st.container(border=True):
+            left, right = st.columns([3, 2])
+            left.page_link(stage.file, label=f"**{stage.number}. {stage.title}**", icon=stage.icon)
+            left.caption(stage.teaches)
+            if running:
+                right.markdown(f"🏃 running: `{escape(running[0].id)}` ({escape(active[running[0].id].state)})")
+            elif stage_runs:
+                finished = sum(r.state == "finished" for r in stage_runs)
+                right.markdown(f"✅ {len(stage_runs)} run(s), {finished} finished — newest `{escape(stage_runs[0].id)}`")
+            elif stage.run_stages:
+                right.markdown("○ no runs yet")
+            else:
+                right.markdown("○ nothing to save: explore it live")
+    broken = [r for r in all_runs if r.error]
+    if broken:
+        st.warning("Some runs have damaged files and are skipped: "
+                   + "; ".join(f"{r.id}: {r.error}" for r in broken))
 
-st.header("The path")
-for stage in STAGES:
-    stage_runs = [r for r in all_runs if r.stage in stage.run_stages]
-    running = [r for r in stage_runs if r.id in active]
-    with st.container(border=True):
-        left, right = st.columns([3, 2])
-        left.page_link(stage.file, label=f"**{stage.number}. {stage.title}**", icon=stage.icon)
-        left.caption(stage.teaches)
-        if running:
-            right.markdown(f"🏃 running: `{escape(running[0].id)}` ({escape(active[running[0].id].state)})")
-        elif stage_runs:
-            finished = sum(r.state == "finished" for r in stage_runs)
-            right.markdown(f"✅ {len(stage_runs)} run(s), {finished} finished — newest `{escape(stage_runs[0].id)}`")
-        elif stage.run_stages:
-            right.markdown("○ no runs yet")
-        else:
-            right.markdown("○ nothing to save: explore it live")
 
-broken = [r for r in all_runs if r.error]
-if broken:
-    st.warning("Some runs have damaged files and are skipped: "
-               + "; ".join(f"{r.id}: {r.error}" for r in broken))
+the_path()
 
 st.header("This machine")
 info = device.describe()

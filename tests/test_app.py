@@ -53,7 +53,7 @@ def test_app_navigation_and_sidebar_render():
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
     assert not at.exception
     assert "Glass Box LLM" in at.title[0].value  # the home page is the default
-    assert any("No job running" in c.value for c in at.sidebar.caption)
+    assert any("No job running" in m.value for m in at.sidebar.markdown)
     for stage in STAGES:  # every stage page opens through the navigation
         at.switch_page(stage.file).run()
         assert not at.exception, (stage.file, [e.value for e in at.exception])

@@ -105,3 +105,20 @@ def test_every_preset_offers_its_recipe_as_defaults(preset):
     assert not at.exception
     assert at.select_slider(key=f"pt_lr_{preset}").value == recipe(preset)["lr"]
     assert at.select_slider(key=f"pt_batch_{preset}").value == recipe(preset)["batch_size"]
+
+
+def test_a_job_still_starting_or_queued_is_shown_at_once():
+    """Right after Start the child process is still loading PyTorch (no config.json yet), or
+    waits in the queue: the page must show that job, not "no run yet" or an older run."""
+    import os
+
+    fake_run("older", steps=50)
+    runs.reserve_run("just-started")
+    runs.write_json_atomic(runs.run_dir("just-started") / "job.json", {"argv": ["pretrain", "--run-id", "just-started"]})
+    runs.write_status("just-started", "queued", pid=os.getpid(), pid_start=runs.process_start(os.getpid()),
+                      message="Queued: waiting for a free slot (limit 1).")
+    at = page()
+    assert at.selectbox(key="pt_shown").value == "just-started"
+    assert any("starting" in i.value for i in at.info)
+    assert any("Queued" in m.value for m in at.markdown)
+    assert "older" in at.selectbox(key="pt_shown").options
