@@ -12,8 +12,8 @@ import streamlit as st
 from core import runs
 from core.errors import GlassBoxError
 from core.tasks import instruct as ins
-from pages._ui import (escape, job_controls, page_header, remembered_run, run_picker, show_error,
-                       start_job)
+from pages._ui import (escape, job_controls, page_header, remembered_run, run_ids_with_pending, run_picker,
+                       show_error, start_job)
 
 PAGE_KEY = "instruct_run"
 START_STAGES = ("pretrain", "import")
@@ -97,7 +97,7 @@ else:
                 st.rerun()
 
 # ---------------------------------------------------------------------------- 3. watching
-instruct_runs = [r.id for r in runs.list_runs("instruct") if not r.error]
+instruct_runs = run_ids_with_pending(("instruct",), "instruct")  # a just-started job included
 if not instruct_runs:
     st.stop()
 
