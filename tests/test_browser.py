@@ -11,9 +11,11 @@ The stage-7 judge is a scripted OpenAI-compatible server on 127.0.0.1 (tests/fak
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +31,8 @@ pytestmark = [
     pytest.mark.skipif(not chromium_available(), reason="Debian's chromium is not installed"),
 ]
 
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path((os.environ.get("GLASSBOX_DATA_DIR") or "").split(os.pathsep)[0]
+                   or REPO.parent / "shared" / "data")
 STAGES = ["1. Text and tokens", "2. Attention", "3. The GPT architecture", "4. Pre-training",
           "5. Classification fine-tuning", "6. Instruction fine-tuning", "7. LLM-judge evaluation"]
 JOB_WAIT = 600_000  # ms: long jobs on a busy two-core machine; an idle one needs a fraction

@@ -3,13 +3,15 @@
 import json
 import os
 from pathlib import Path
+
 import pytest
 import torch
 
 from core.errors import DataError, GlassBoxError
 from core.tasks import classify as C
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED_DATA = Path((os.environ.get("GLASSBOX_DATA_DIR") or "").split(os.pathsep)[0]
+                   or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
 
 # ------------------------------------------------------------------------------------- data
 

@@ -3,6 +3,7 @@ GPT-2 offline, save/load, bad input, and the command line."""
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +18,8 @@ from core import tokenizers as tok
 from core.errors import GlassBoxError, RunExistsError, TokenizerError
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED = Path((os.environ.get("GLASSBOX_DATA_DIR") or "").split(os.pathsep)[0]
+              or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
 
 TRICKY = [
     "",
