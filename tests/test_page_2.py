@@ -8,22 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
+from tests.page_helpers import all_text, run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "2_Attention.py")
 HAVE_MODEL = importlib.util.find_spec("core.model") is not None
 
 
 def page() -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=30)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def all_text(at: AppTest) -> str:
-    parts = [m.value for m in at.markdown] + [i.value for i in at.info] + [e.value for e in at.error]
-    parts += [c.value for c in at.caption] + [h.value for h in at.header] + [h.value for h in at.subheader]
-    return "\n".join(str(p) for p in parts)
+    return run_page(PAGE)
 
 
 def charts(at: AppTest) -> list:

@@ -8,15 +8,13 @@ from streamlit.testing.v1 import AppTest
 
 from core import runs
 from core.model import GPT, GPTConfig, save_model_run
+from tests.page_helpers import run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "3_Architecture.py")
 
 
 def page() -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=30)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return run_page(PAGE)
 
 
 def metric(at: AppTest, label_start: str) -> str:

@@ -7,15 +7,13 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import jobs, runs
+from tests.page_helpers import run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "4_Pretraining.py")
 
 
 def page() -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=30)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return run_page(PAGE)
 
 
 def fake_run(run_id: str, steps: int = 300, preset: str = "small", state: str = "finished"):

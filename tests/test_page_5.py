@@ -13,6 +13,7 @@ from core.model import GPT, GPTConfig, save_model_run
 from core.tasks import classify as C
 from core.tokenizers import train_char
 from core.train import model_tensors
+from tests.page_helpers import all_text, run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "5_Classification.py")
 TINY = dict(context_length=32, n_embd=16, n_head=2, n_layer=1)
@@ -20,17 +21,7 @@ HTML_MESSAGE = "<b>WIN</b> a prize & call now"
 
 
 def page() -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=30)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def all_text(at: AppTest) -> str:
-    parts = [m.value for m in at.markdown] + [i.value for i in at.info] + [e.value for e in at.error]
-    parts += [c.value for c in at.caption] + [h.value for h in at.header] + [h.value for h in at.subheader]
-    parts += [w.value for w in at.warning] + [s.value for s in at.success]
-    return "\n".join(str(p) for p in parts)
+    return run_page(PAGE)
 
 
 def make_start_run(run_id="base"):

@@ -8,23 +8,14 @@ from streamlit.testing.v1 import AppTest
 from core import judge as J
 from core import runs
 from tests.fake_openai_server import FakeOpenAIServer
+from tests.page_helpers import all_text, run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "7_Judge.py")
 SECRET = "sk-page-test-SECRET-abcdef123456"
 
 
 def page() -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=30)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def all_text(at: AppTest) -> str:
-    parts = [m.value for m in at.markdown] + [i.value for i in at.info] + [e.value for e in at.error]
-    parts += [c.value for c in at.caption] + [h.value for h in at.header] + [w.value for w in at.warning]
-    parts += [s.value for s in at.success]
-    return "\n".join(str(p) for p in parts)
+    return run_page(PAGE)
 
 
 def test_page_renders_with_nothing_configured():
