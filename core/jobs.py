@@ -223,6 +223,10 @@ def active_jobs() -> list[JobState]:
         if not (path / "status.json").is_file():
             continue
         try:
+            # Polled every few seconds by every open page: skip finished runs cheaply, and only
+            # build the full state (liveness check, log tail) for the few that may be active.
+            if runs.read_status(path.name).get("state") not in ACTIVE_STATES:
+                continue
             state = job_state(path.name)
         except GlassBoxError:
             continue
