@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from core.device import configure_threads, pick_device
+from core.device import configure_threads, pick_device, reuse_freed_memory
 
 CHAR_VOCAB = 65  # Tiny Shakespeare has 65 distinct characters: the vocabulary of `small`'s target
 
@@ -128,6 +128,7 @@ class _Trainer:
         from core.train import TrainConfig, make_optimizer
 
         self.device = _device(device)
+        reuse_freed_memory()  # as core.train does
         recipe = _train_recipe(preset)
         recipe.update({"max_steps": recipe.get("max_steps") or 100})
         if batch_size is not None:

@@ -50,6 +50,35 @@ def configure_threads(threads: int | None = None) -> int:
     return wanted
 
 
+# glibc's mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def reuse_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for the next step instead of returning it to the kernel.
+
+    A training step allocates and frees the same activation tensors every step (`small`: several
+    4 MiB ones). By default glibc hands blocks that big back to the kernel when they are freed, so the
+    next step page-faults them in again: measured 2,000–7,000 page faults per `small` step, and 3–7%
+    of its time. With this, ~20 faults per step. The cost is that the process keeps its peak memory,
+    which a training process reaches every step anyway. Blocks over 32 MiB (glibc's limit) still go
+    straight to the kernel. Returns False where the C library is not glibc (macOS, musl): a no-op.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # only glibc has it
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # blocks up to 32 MiB come from the reusable heap
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap after a free ...
+    ok &= mallopt(_M_TOP_PAD, 64 * 2**20)  # ... and grow it in 64 MiB steps, not page by page
+    return bool(ok)
+
+
 def configure_ui_threads(job_running: bool) -> int:
     """Threads for the app's own process: one while a training job holds the cores.
 

@@ -49,7 +49,8 @@ _BLOCK_NAMES = {
 }
 _TOP_NAMES = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight",
               "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
-_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # Hugging Face's names for GPT-2's tanh GELU
+_GELU_EXACT = ("gelu",)  # the erf GELU (what models trained here use)
 
 
 class GPT2FormatError(CorruptRunError):
@@ -66,8 +67,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
     if hf.get("model_type", "gpt2") != "gpt2":
         raise GPT2FormatError(f"config.json describes a {hf.get('model_type')!r} model, not GPT-2.")
     activation = hf.get("activation_function", "gelu_new")
-    if activation not in _GELU_TANH:
-        raise GPT2FormatError(f"config.json uses activation {activation!r}; Glass Box computes GPT-2's tanh GELU.")
+    if activation not in _GELU_TANH + _GELU_EXACT:
+        raise GPT2FormatError(f"config.json uses activation {activation!r}; Glass Box computes GELU, exact "
+                              "('gelu') or GPT-2's tanh approximation ('gelu_new').")
     if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
         raise GPT2FormatError("config.json sets n_inner: Glass Box's feed-forward is always 4 × n_embd wide.")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
@@ -85,6 +87,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
             dropout=0.0,  # dropout only matters while training; fine-tuning stages set their own
             qkv_bias=True,
             tie_weights=bool(hf.get("tie_word_embeddings", True)),
+            gelu="exact" if activation in _GELU_EXACT else "tanh",
         )
     except (TypeError, ValueError) as e:
         raise GPT2FormatError(f"config.json has a value that is not a number ({e}).") from None
@@ -105,7 +108,7 @@ def config_to_hf(config: GPTConfig, eot_id: int | None = None) -> dict:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu" if config.gelu == "exact" else "gelu_new",
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,

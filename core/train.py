@@ -304,9 +304,13 @@ def distributed_context():
 
 
 def configure_threads() -> int:
-    """One thread per physical core, shared out between the processes `torchrun` put on this machine."""
+    """One thread per physical core, shared out between the processes `torchrun` put on this machine.
+
+    Also tells the C allocator to keep freed memory for the next step (see `device.reuse_freed_memory`).
+    """
     from core import device
 
+    device.reuse_freed_memory()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local_processes > 1 and not os.environ.get("GLASSBOX_THREADS"):
         return device.configure_threads(max(1, device.physical_cores() // local_processes))

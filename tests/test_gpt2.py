@@ -62,7 +62,10 @@ def test_our_export_loads_into_transformers_with_equal_logits(tmp_path):
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_hf_gpt2(ours, tmp_path / "out")
+    # Models trained here use the exact GELU, which Hugging Face calls "gelu".
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["activation_function"] == "gelu"
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    assert load_hf_gpt2(tmp_path / "out").config.gelu == "exact"
     x = sample_ids()
     with torch.no_grad():
         logits, _ = ours(x)

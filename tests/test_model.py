@@ -37,6 +37,7 @@ def ids(batch=2, length=10, vocab=50, seed=1):
     (dict(context_length=0), "context_length"),
     (dict(dropout=1.5), "dropout"),
     (dict(attention="quick"), "attention"),
+    (dict(gelu="relu"), "gelu must be"),
     (dict(n_embd=32.5), "whole number"),
 ])
 def test_bad_configs_say_what_is_wrong(bad, words):
@@ -50,6 +51,20 @@ def test_config_round_trips_through_json():
     assert again == config
     with pytest.raises(ModelConfigError, match="lacks n_layer"):
         GPTConfig.from_dict({"vocab_size": 5, "context_length": 4, "n_embd": 8, "n_head": 2})
+
+
+def test_models_trained_here_use_exact_gelu_and_old_runs_keep_gpt2s_tanh():
+    assert preset_config("small", 65).gelu == "exact"
+    assert preset_config("gpt2-124m").gelu == "tanh"
+    assert model_of(tiny()).blocks[0].mlp.gelu.approximate == "none"
+    assert model_of(tiny(gelu="tanh")).blocks[0].mlp.gelu.approximate == "tanh"
+    # A config.json written before the choice existed: those models were trained with tanh.
+    legacy = {"vocab_size": 5, "context_length": 4, "n_embd": 8, "n_head": 2, "n_layer": 1}
+    assert GPTConfig.from_dict(legacy).gelu == "tanh"
+    # The two differ, slightly: max |exact - tanh| is about 5e-4 on [-4, 4].
+    x = torch.linspace(-4, 4, 801)
+    gap = (torch.nn.functional.gelu(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs().max()
+    assert 1e-5 < gap < 1e-3
 
 
 def test_presets_build_and_gpt2_matches_the_published_size():
@@ -134,8 +149,9 @@ def test_the_model_is_causal_future_tokens_do_not_change_the_past():
     assert not torch.allclose(a[:, 7:], b[:, 7:], atol=1e-3)
 
 
-def test_teaching_path_computes_the_same_numbers_as_the_fast_path():
-    model = model_of(tiny(qkv_bias=True))
+@pytest.mark.parametrize("gelu", ["exact", "tanh"])
+def test_teaching_path_computes_the_same_numbers_as_the_fast_path(gelu):
+    model = model_of(tiny(qkv_bias=True, gelu=gelu))
     for p in model.parameters():  # move away from the init so biases and norms matter
         p.data.add_(torch.randn_like(p) * 0.05)
     x = ids()
