@@ -86,7 +86,11 @@ else:
         max_length = c5.number_input("Pad / truncate to (tokens, 0 = automatic)", 0, 4096, 0,
                                      help="Automatic: the longest training message, at most the "
                                           "model's context length.")
-        run_id = c5.text_input("Run name", value=runs.new_run_id("classify"))
+        # The default name lives in session state: a default that changed with the clock on every
+        # rerun would make a new widget and silently drop the name the learner typed.
+        if "classify_run_name" not in st.session_state:
+            st.session_state["classify_run_name"] = runs.new_run_id("classify")
+        run_id = c5.text_input("Run name", key="classify_run_name")
         go = st.form_submit_button("Start fine-tuning", type="primary")
     if go:
         try:
@@ -103,6 +107,7 @@ else:
                 argv += ["--max-length", str(int(max_length))]
             if start_job(argv, run_id):
                 st.session_state[PAGE_KEY] = run_id
+                del st.session_state["classify_run_name"]  # a fresh name for the next run
                 st.rerun()
 
 # ---------------------------------------------------------------------------- 3. watch it learn

@@ -79,7 +79,11 @@ else:
                                 help="Grade only the answer tokens. Compare a run with and without.")
         eval_limit = c5.number_input("Test instructions to compare", 5, 110, 110, step=5,
                                      help="Both models answer these after tuning (greedy).")
-        run_id = c6.text_input("Run name", value=runs.new_run_id("instruct"))
+        # The default name lives in session state: a default that changed with the clock on every
+        # rerun would make a new widget and silently drop the name the learner typed.
+        if "instruct_run_name" not in st.session_state:
+            st.session_state["instruct_run_name"] = runs.new_run_id("instruct")
+        run_id = c6.text_input("Run name", key="instruct_run_name")
         go = st.form_submit_button("Start tuning", type="primary")
     if go:
         try:
@@ -94,6 +98,7 @@ else:
         else:
             if start_job(argv, run_id):
                 st.session_state[PAGE_KEY] = run_id
+                del st.session_state["instruct_run_name"]  # a fresh name for the next run
                 st.rerun()
 
 # ---------------------------------------------------------------------------- 3. watching

@@ -67,7 +67,14 @@ def test_page_with_no_runs_explains_what_to_do_first():
     assert not at.button  # no start form without a start run
 
 
-def test_page_with_a_start_run_starts_a_job_with_the_chosen_settings():
+def ticking_run_ids(monkeypatch):
+    """A new default run name on every call, as when the clock's second ticks between reruns."""
+    calls = iter(range(10**6))
+    monkeypatch.setattr(runs, "new_run_id", lambda prefix: f"{prefix}-tick-{next(calls)}")
+
+
+def test_page_with_a_start_run_starts_a_job_with_the_chosen_settings(monkeypatch):
+    ticking_run_ids(monkeypatch)  # the name typed below must survive a changing default
     make_start_run()
     at = page()
     assert "No pre-trained model yet" not in all_text(at)
@@ -77,6 +84,7 @@ def test_page_with_a_start_run_starts_a_job_with_the_chosen_settings():
     at.text_input[0].set_value("from-page")
     at.button[0].click().run()
     assert not at.exception, at.exception
+    assert (runs.run_dir("from-page") / "job.json").is_file(), all_text(at)
     job = json.loads((runs.run_dir("from-page") / "job.json").read_text())
     argv = job["argv"]
     assert argv[:3] == ["classify", "--from", "base"]

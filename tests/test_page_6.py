@@ -47,6 +47,25 @@ def finished_run(tmp_path):
     return "tuned"
 
 
+def test_the_run_name_typed_is_the_one_the_job_gets(finished_run, monkeypatch):
+    calls = iter(range(10**6))  # a new default name on every rerun, as when the clock ticks
+    monkeypatch.setattr(runs, "new_run_id", lambda prefix: f"{prefix}-tick-{next(calls)}")
+    at = page().run()
+    at.text_input(key="instruct_run_name").set_value("my-tuning")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    try:
+        job = json.loads((runs.run_dir("my-tuning") / "job.json").read_text())
+        assert job["argv"][0] == "instruct"
+        assert job["argv"][job["argv"].index("--run-id") + 1] == "my-tuning"
+        # The next run gets a fresh default name.
+        assert at.text_input(key="instruct_run_name").value.startswith("instruct-tick-")
+    finally:
+        from core import jobs
+
+        jobs.stop_job("my-tuning", force=True)
+
+
 def test_page_without_runs_explains_what_to_do():
     at = page().run()
     assert not at.exception
