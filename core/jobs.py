@@ -135,15 +135,17 @@ def stop_job(run_id: str, force: bool = False) -> JobState:
     state = job_state(run_id)
     if not state.active:
         return state
+    # "stopping" first, then the request: the job sees the request only after "stopping" is written,
+    # so its own last word (stopped, finished, failed) always comes after ours.
+    runs.write_status(run_id, "stopping", only_from=("running", "queued"), message="Stopping: saving a checkpoint…")
     runs.request_stop(run_id)
-    if state.state in ("running", "queued"):
-        runs.write_status(run_id, "stopping", message="Stopping: saving a checkpoint…")
     if force and state.pid and state.alive:
         try:
             os.killpg(state.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        runs.write_status(run_id, "stopped", message="Killed; the last checkpoint is kept.")
+        runs.write_status(run_id, "stopped", only_from=ACTIVE_STATES,
+                          message="Killed; the last checkpoint is kept.")
     return job_state(run_id)
 
 
@@ -268,7 +270,7 @@ def _wait_for_slot(run_id: str):
             return None
         running = [s.run_id for s in active_jobs() if s.state in ("running", "stopping")]
         runs.write_status(
-            run_id, "queued", pid=os.getpid(),
+            run_id, "queued", only_from=("queued", "reserved"), pid=os.getpid(),
             message=(f"Queued: waiting for a free slot ({len(running)} job(s) running: "
                      f"{', '.join(running) or '…'}; limit {max_jobs()}, set by GLASSBOX_MAX_JOBS)."),
         )

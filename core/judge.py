@@ -1003,9 +1003,8 @@ def judge_run(run_id: str, settings: EndpointSettings, source_run: str | None = 
             message = f"Judged {len(done)}/{total} ({cached} from the cache, {failed} failed)"
             if progress:
                 progress(message)
-            state = runs.read_status(run_id).get("state")
-            runs.write_status(run_id, state if state in ("running", "stopping") else "running",
-                              message=message, done=len(done), total=total)
+            # Progress only: the state stays as it is (running, or stopping if Stop was pressed).
+            runs.write_status(run_id, None, message=message, done=len(done), total=total)
 
     def finish(records: list[dict], stopped: bool, error: str | None) -> dict:
         summary = summarize(records, labels) if records else {

@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,16 +354,42 @@ def read_status(run_id: str) -> dict:
     return status if isinstance(status, dict) else {}
 
 
-def write_status(run_id: str, state: str, **fields: Any) -> dict:
-    status = read_status(run_id)
-    if status.get("state") != state and "message" not in fields:
-        status.pop("message", None)  # the old state's message no longer applies
-    status.update(fields)
-    status["state"] = state
-    status["updated"] = _now()
-    status["updated_ts"] = time.time()
-    write_json_atomic(run_dir(run_id) / "status.json", status)
-    return status
+@contextmanager
+def _status_lock(run_id: str):
+    """Hold an exclusive lock for a read-modify-write of status.json.
+
+    The job and the app both write it (the job: running, finished; the app: stopping). Without the
+    lock the app could read "running", the job then write "stopped" and exit, and the app write
+    "stopping" over it: a dead process that never said it ended, reported as a crash.
+    """
+    import fcntl
+
+    with open(run_dir(run_id) / "status.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def write_status(run_id: str, state: str | None, only_from: tuple[str, ...] | None = None,
+                 **fields: Any) -> dict | None:
+    """Set a run's state (None: keep it) and fields in status.json, atomically and under a lock.
+
+    With `only_from`, nothing changes unless the current state is one of those states (returns None):
+    the app uses it so that a stop request can never overwrite how a job ended.
+    """
+    with _status_lock(run_id):
+        status = read_status(run_id)
+        current = status.get("state")
+        if only_from is not None and current not in only_from:
+            return None
+        state = current if state is None else state
+        if current != state and "message" not in fields:
+            status.pop("message", None)  # the old state's message no longer applies
+        status.update(fields)
+        status["state"] = state
+        status["updated"] = _now()
+        status["updated_ts"] = time.time()
+        write_json_atomic(run_dir(run_id) / "status.json", status)
+        return status
 
 
 def request_stop(run_id: str) -> None:

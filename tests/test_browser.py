@@ -408,8 +408,9 @@ def test_two_students_share_the_runs_and_queue_for_the_job_slot(server, browser,
             expect(a.get_by_text(f"{run_a} — running")).to_be_visible()
         a.get_by_role("button", name="Stop").first.click()
         expect(sidebar_a.get_by_text("No job running.")).to_be_visible(timeout=JOB_WAIT)
-        assert jobs.job_state(run_a).state == "stopped"
-        assert jobs.job_state(run_b).state == "stopped"
+        for run_id in (run_a, run_b):
+            state = jobs.job_state(run_id)
+            assert state.state == "stopped", (run_id, state.state, state.error, state.log_tail[-2000:])
     finally:
         for context in students:
             context.close()

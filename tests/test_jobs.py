@@ -114,3 +114,23 @@ def test_resume_refuses_a_running_job():
     with pytest.raises(JobError, match="still running"):
         jobs.resume_job("r1")
     jobs.stop_job("r1")
+
+
+def test_a_stop_request_never_overwrites_how_the_job_ended(monkeypatch):
+    """The job may react to Stop at once: its "stopped" must win over the app's "stopping"."""
+    runs.create_run("quick", "pretrain", {})
+    me = os.getpid()  # stands in for the job's process: alive, so the run counts as active
+    runs.write_status("quick", "running", pid=me, pid_start=runs.process_start(me))
+    really_request = runs.request_stop
+
+    def job_stops_at_once(run_id):
+        really_request(run_id)
+        runs.write_status(run_id, "stopped", message="Stopped; checkpoint saved.")  # the job's last word
+
+    monkeypatch.setattr(runs, "request_stop", job_stops_at_once)
+    jobs.stop_job("quick")
+    assert runs.read_status("quick")["state"] == "stopped"
+    # And a job that has ended is never marked as stopping afterwards.
+    runs.write_status("quick", "finished", message="Finished.")
+    assert runs.write_status("quick", "stopping", only_from=("running", "queued")) is None
+    assert runs.read_status("quick")["state"] == "finished"
