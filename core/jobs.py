@@ -137,7 +137,8 @@ def stop_job(run_id: str, force: bool = False) -> JobState:
         return state
     # "stopping" first, then the request: the job sees the request only after "stopping" is written,
     # so its own last word (stopped, finished, failed) always comes after ours.
-    runs.write_status(run_id, "stopping", only_from=("running", "queued"), message="Stopping: saving a checkpoint…")
+    runs.write_status(run_id, "stopping", only_from=("running", "queued"),
+                      message="Stopping: saving a checkpoint…")
     runs.request_stop(run_id)
     if force and state.pid and state.alive:
         try:

@@ -11,10 +11,10 @@ import hashlib
 import pandas as pd
 import streamlit as st
 
-from core import data, dataset, runs
+from core import data, dataset
 from core import tokenizers as tok
 from core.errors import GlassBoxError
-from pages._ui import page_header, show_error
+from pages._ui import page_header, run_name_input, show_error
 
 KINDS = ("char", "word", "bpe", "gpt2")
 KIND_NAMES = {"char": "Characters", "word": "Words", "bpe": "Our BPE", "gpt2": "GPT-2 (tiktoken)"}
@@ -185,9 +185,7 @@ else:
 st.header("6. Save the tokeniser")
 st.write("Later stages name a saved tokeniser by its run id (e.g. `--tokenizer <run id>`).")
 save_kind = st.radio("Which tokeniser", ["bpe", "char", "word"], format_func=KIND_NAMES.get, horizontal=True)
-if "tok-run-id" not in st.session_state:
-    st.session_state["tok-run-id"] = runs.new_run_id("tokenizer")
-run_id = st.text_input("Run id", key="tok-run-id")
+run_id = run_name_input(st, "tokenizer", key="tok-run-id", label="Run id")
 if st.button("Save tokeniser", type="primary"):
     try:
         path = tok.save_tokenizer_run(run_id, tokenizers[save_kind], {"data": corpus})

@@ -19,7 +19,7 @@ from core.model import PRESETS, count_parameters, preset_config
 from core.tasks.pretrain import recipe
 from core.train import downsample, progress_summary
 from pages._ui import (escape, job_controls, page_header, remembered_run, run_ids_with_pending, show_error,
-                       start_job, waiting_to_start)
+                       run_name_input, start_job, waiting_to_start)
 
 PAGE_KEY = "pretrain_run"
 TRAINABLE_PRESETS = [name for name, p in PRESETS.items() if "vocab_size" not in p]  # not GPT-2's shapes
@@ -112,10 +112,8 @@ with st.expander("Training settings", expanded=False):
     st.caption("Defaults: the preset's tuned recipe. AdamW (weight decay on matrices only), a linear "
                "warm-up then a cosine down to a tenth-ish of the peak, gradient clipping at 1.0.")
 
-if "pt_run_name" not in st.session_state:
-    st.session_state["pt_run_name"] = runs.new_run_id("pretrain")
 r1, r2 = st.columns([3, 1])
-run_name = r1.text_input("Run name", key="pt_run_name")
+run_name = run_name_input(r1, "pretrain", key="pt_run_name")
 if r2.button("Start training", type="primary", key="pt_start"):
     try:
         runs.validate_run_id(run_name)

@@ -13,7 +13,8 @@ import streamlit as st
 from core import jobs, runs
 from core.errors import GlassBoxError
 from core.tasks import classify as C
-from pages._ui import escape, job_controls, page_header, remembered_run, show_error, start_job
+from pages._ui import (escape, job_controls, page_header, remembered_run, run_name_input, show_error,
+                       start_job)
 
 PAGE_KEY = "classify_run"
 
@@ -86,11 +87,7 @@ else:
         max_length = c5.number_input("Pad / truncate to (tokens, 0 = automatic)", 0, 4096, 0,
                                      help="Automatic: the longest training message, at most the "
                                           "model's context length.")
-        # The default name lives in session state: a default that changed with the clock on every
-        # rerun would make a new widget and silently drop the name the learner typed.
-        if "classify_run_name" not in st.session_state:
-            st.session_state["classify_run_name"] = runs.new_run_id("classify")
-        run_id = c5.text_input("Run name", key="classify_run_name")
+        run_id = run_name_input(c5, "classify", key="classify_run_name")
         go = st.form_submit_button("Start fine-tuning", type="primary")
     if go:
         try:

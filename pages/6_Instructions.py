@@ -13,7 +13,7 @@ from core import runs
 from core.errors import GlassBoxError
 from core.tasks import instruct as ins
 from pages._ui import (escape, job_controls, page_header, remembered_run, run_ids_with_pending, run_picker,
-                       show_error, start_job)
+                       run_name_input, show_error, start_job)
 
 PAGE_KEY = "instruct_run"
 START_STAGES = ("pretrain", "import")
@@ -79,11 +79,7 @@ else:
                                 help="Grade only the answer tokens. Compare a run with and without.")
         eval_limit = c5.number_input("Test instructions to compare", 5, 110, 110, step=5,
                                      help="Both models answer these after tuning (greedy).")
-        # The default name lives in session state: a default that changed with the clock on every
-        # rerun would make a new widget and silently drop the name the learner typed.
-        if "instruct_run_name" not in st.session_state:
-            st.session_state["instruct_run_name"] = runs.new_run_id("instruct")
-        run_id = c6.text_input("Run name", key="instruct_run_name")
+        run_id = run_name_input(c6, "instruct", key="instruct_run_name")
         go = st.form_submit_button("Start tuning", type="primary")
     if go:
         try:

@@ -90,6 +90,18 @@ def run_picker(stages: str | tuple[str, ...], label: str, key: str,
                         format_func=lambda rid: "—" if rid is None else labels.get(rid, rid))
 
 
+def run_name_input(container, prefix: str, key: str, label: str = "Run name") -> str:
+    """A text input for a new run's name, its default a fresh run id kept in session state.
+
+    A default computed on every rerun changes with the clock, and Streamlit then treats the input
+    as a new widget and drops what the learner typed. After starting a run, `del st.session_state[key]`
+    gives the next one a fresh default.
+    """
+    if key not in st.session_state:
+        st.session_state[key] = runs.new_run_id(prefix)
+    return container.text_input(label, key=key)
+
+
 def start_job(argv: list[str], run_id: str, env: dict | None = None) -> bool:
     """Start a background job from a button; shows a clear message if it cannot start."""
     try:

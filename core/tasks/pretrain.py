@@ -35,7 +35,7 @@ from core.train import TrainConfig, TrainTask
 # - batch 32 (~1.4× the tokens/s of batch 12; batch 16 learnt no more per token);
 # - the shape. Same 36 s of training: 3 × 128 (700 steps, 40k tokens/s) reached 1.854 and
 #   2 × 192 (540 steps, 32-35k tokens/s) 1.853; after 90 s, 1.680 vs 1.673. Equal learning per
-#   second, but 2 × 192 keeps the CPU's multipliers busier (MFU 0.62 vs 0.53 in `core bench`), so
+#   second, but 2 × 192 keeps the CPU's multipliers busier (MFU 0.63-0.65 vs 0.53-0.55), so
 #   it gets there in fewer, larger steps. Light weight decay (0.01); few evaluations.
 # Val loss 1.846 after 500 steps (1.02M tokens, deterministic): 31.8 s of training, 33.7 s wall.
 RECIPES: dict[str, dict] = {
