@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,19 +270,6 @@ class Answer:
         return not self.problems
 
 
-@contextmanager
-def one_thread():
-    """Generate with one torch thread: one token at a time is too little work to share, and on
-    a busy 2-core machine two threads waiting for each other made answers 20x slower (measured
-    0.8 s vs 15 s for 48 tokens of the `base` model)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eot_id: int,
                   temperature: float, top_k: int | None, top_p: float | None) -> list[int]:
     """New token ids after the prompt (greedy when temperature is 0), ending at end-of-text."""
@@ -314,9 +300,9 @@ def generate_answer(model, tokenizer, entry: dict, max_new_tokens: int = 128,
     was_training = model.training
     model.eval()
     try:
-        with one_thread():
-            new_ids = _generate_ids(model, tokenizer.encode(format_prompt(entry)),
-                                    max_new_tokens, eot_id, temperature, top_k, top_p)
+        # (GPT.generate decodes small models on one thread: see SINGLE_THREAD_DECODE_BELOW)
+        new_ids = _generate_ids(model, tokenizer.encode(format_prompt(entry)),
+                                max_new_tokens, eot_id, temperature, top_k, top_p)
     finally:
         model.train(was_training)
     stopped = bool(new_ids) and new_ids[-1] == eot_id
