@@ -6,7 +6,7 @@ every page. Each page is a thin script in `pages/`; everything it computes comes
 
 import streamlit as st
 
-from core import device, jobs
+from core.lab import device, jobs
 from pages._ui import STAGES, job_sidebar
 
 st.set_page_config(page_title="Glass Box LLM", page_icon="🔍", layout="wide")

@@ -1,7 +1,9 @@
 """The command line: `python -m core <command> [options]` mirrors every page of the app.
 
-Each command lives in `core/commands/<module>.py` with `add_arguments(parser)` and
-`run(args) -> dict`. Progress goes to stderr; the returned dict is printed as the **last line of
+Each command lives in `core/stages/<module>.py`. A stage module has a typed `Settings` dataclass
+and `run(settings, progress) -> dict`; its options are derived from the dataclass
+(`core.lab.cli`). A few machinery commands (`job`, `countdown`) still take `add_arguments(parser)`
+and `run(args) -> dict`. Progress goes to stderr; the returned dict is printed as the **last line of
 stdout, one JSON object**, so scripts can read the headline figures. A user mistake (a
 `GlassBoxError`) prints one line on stderr and exits with code 2 — no traceback.
 
@@ -15,9 +17,10 @@ import importlib
 import json
 import sys
 
-from core.errors import GlassBoxError
+from core.gpt.errors import GlassBoxError
+from core.lab import cli, runs
 
-# command → (module in core/commands, one line of help)
+# command → (module in core/stages, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data_cmd", "list the data sources, or fetch one (stage 1's corpora, SMS spam, instructions)"),
     "tokenize": ("tokenize", "train a tokeniser on a corpus and save it as a run (stage 1)"),
@@ -55,10 +58,20 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, help_ = COMMANDS[command]
-    module = importlib.import_module(f"core.commands.{module_name}")
+    module = importlib.import_module(f"core.stages.{module_name}")
     parser = _Parser(prog=f"python -m core {command}", description=help_)
-    module.add_arguments(parser)
-    parser.set_defaults(_run=module.run)
+    settings_cls = getattr(module, "Settings", None)
+    if settings_cls is not None:
+        cli.add_arguments(parser, settings_cls)
+        progress = getattr(module, "print_progress", None)
+
+        def _run(args):
+            return module.run(cli.settings_from_args(settings_cls, args), progress=progress)
+
+        parser.set_defaults(_run=_run)
+    else:
+        module.add_arguments(parser)
+        parser.set_defaults(_run=module.run)
     return parser
 
 
@@ -76,8 +89,6 @@ def run_command(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from core import runs
-
     try:
         result = run_command(argv)
         runs.finish_runs_started_here(stopped=bool(result.get("stopped")))

@@ -11,9 +11,10 @@ import hashlib
 import pandas as pd
 import streamlit as st
 
-from core import data, dataset
-from core import tokenizers as tok
-from core.errors import GlassBoxError
+from core.lab import data
+from core.gpt import dataset
+from core.gpt import tokenizers as tok
+from core.gpt.errors import GlassBoxError
 from pages._ui import page_header, run_name_input, show_error
 
 KINDS = ("char", "word", "bpe", "gpt2")

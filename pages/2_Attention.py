@@ -13,9 +13,9 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core import attention as att
-from core import runs
-from core.errors import GlassBoxError
+from core.gpt import attention as att
+from core.lab import runs
+from core.gpt.errors import GlassBoxError
 from pages._ui import page_header, run_picker, show_error
 
 FONT = 18  # large enough to read on a projector
@@ -195,7 +195,7 @@ def check_by_hand(s: dict, h: int, words: list[str]) -> None:
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
 def load_model(run_id: str, stamp: float):
     """The model and tokenizer of a run; `stamp` (weights file time) reloads a retrained run."""
-    from core.model import load_model_run
+    from core.gpt.model import load_model_run
 
     model, tokenizer, _ = load_model_run(run_id)
     return model.eval(), tokenizer
@@ -232,7 +232,7 @@ def trained_model() -> None:
     st.markdown("A trained GPT has several layers of several heads. Each head learnt its own habit: "
                 "some look at the previous token, some at the first token, some spread out.")
     try:
-        import core.model  # noqa: F401  (written in stage 3)
+        import core.gpt.model  # noqa: F401  (written in stage 3)
     except ImportError:
         st.info("The model code is not available yet: train a model on stage 4 first.")
         return

@@ -19,9 +19,9 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from core import runs
-from core.errors import GlassBoxError
-from core.model import GPT, GPTConfig, PRESETS, count_parameters, memory_bytes
+from core.lab import runs
+from core.gpt.errors import GlassBoxError
+from core.gpt.model import GPT, GPTConfig, PRESETS, count_parameters, memory_bytes
 from pages._ui import page_header, run_picker, show_error
 
 FONT = 18
@@ -143,7 +143,7 @@ def untrained_model(config_json: str, seed: int = 0) -> GPT:
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
 def run_model(run_id: str, stamp: float):
     """A run's model and tokenizer; `stamp` (the weights file's time) reloads a retrained run."""
-    from core.model import load_model_run
+    from core.gpt.model import load_model_run
 
     model, tokenizer, _ = load_model_run(run_id)
     return model.eval(), tokenizer
@@ -178,7 +178,7 @@ if config is not None:
     ids = tokenizer.encode(trace_text)[-config.context_length:] or [0]
     try:
         if total > BUILD_LIMIT:
-            from core.commands.inspect import inspect_model
+            from core.stages.inspect import inspect_model
 
             st.info(f"{total:,} parameters is too many to build inside the app: the shapes below come "
                     "from an empty ('meta') model, so there are no scores to show.")
@@ -267,7 +267,7 @@ download = st.checkbox("Download openai-community/gpt2 from the Hugging Face hub
                        key="import_download")
 import_id = st.text_input("Run id for the imported model", "gpt2-124m", key="import_run_id")
 if st.button("Import", key="import_go"):
-    from core.gpt2 import download_gpt2, import_gpt2
+    from core.lab.gpt2 import download_gpt2, import_gpt2
 
     try:
         source_folder = folder.strip()

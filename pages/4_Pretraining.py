@@ -5,7 +5,7 @@ The learner picks a corpus, a tokeniser (from stage 1, characters or GPT-2's), a
 (train and validation) moves every second, with tokens/s, tokens seen, elapsed time and ETA; the
 learning-rate schedule and the samples show the text turning from noise into words. Several runs
 can be overlaid to feel what a bigger model or a longer run buys. The logic is in core/train.py and
-core/tasks/pretrain.py; the job is `python -m core pretrain ...` (core/commands/pretrain.py).
+core/gpt/pretrain.py; the job is `python -m core pretrain ...` (core/stages/pretrain.py).
 """
 
 import math
@@ -13,11 +13,11 @@ import math
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import data, runs
-from core.errors import GlassBoxError
-from core.model import PRESETS, count_parameters, preset_config
-from core.tasks.pretrain import recipe
-from core.train import downsample, progress_summary
+from core.lab import data, runs
+from core.gpt.errors import GlassBoxError
+from core.gpt.model import PRESETS, count_parameters, preset_config
+from core.gpt.pretrain import recipe
+from core.gpt.train import downsample, progress_summary
 from pages._ui import (escape, job_controls, page_header, remembered_run, run_ids_with_pending, show_error,
                        run_name_input, start_job, waiting_to_start)
 

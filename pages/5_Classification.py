@@ -10,9 +10,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core import jobs, runs
-from core.errors import GlassBoxError
-from core.tasks import classify as C
+from core.lab import jobs, runs
+from core.gpt.errors import GlassBoxError
+from core.gpt import classify as C
 from pages._ui import (escape, job_controls, page_header, remembered_run, run_name_input, show_error,
                        start_job)
 

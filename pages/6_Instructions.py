@@ -9,9 +9,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core import runs
-from core.errors import GlassBoxError
-from core.tasks import instruct as ins
+from core.lab import runs
+from core.gpt.errors import GlassBoxError
+from core.gpt import instruct as ins
 from pages._ui import (escape, job_controls, page_header, remembered_run, run_ids_with_pending, run_picker,
                        run_name_input, show_error, start_job)
 

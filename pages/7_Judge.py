@@ -14,10 +14,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import data as data_registry
-from core import jobs, runs
-from core import judge as J
-from core.errors import GlassBoxError
+from core.lab import data as data_registry
+from core.lab import jobs, runs
+from core.gpt import judge as J
+from core.gpt.errors import GlassBoxError
 from pages._ui import STATE_ICONS, escape, page_header, show_error
 
 RUN_KEY = "judge_run"        # session key: the judge run this page shows

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from core import data, device, jobs, paths, runs
+from core.lab import data, device, jobs, paths, runs
 from pages._ui import STAGES, escape
 
 st.title("🔍 Glass Box LLM")

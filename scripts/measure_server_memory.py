@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         (workdir / name).mkdir()
     os.environ.update(env)  # this process starts the job: same run store as the server
     sys.path.insert(0, str(REPO))
-    from core import data, jobs
+    from core.lab import data, jobs
 
     data_name = args.data if data.find(args.data) is not None else "python-docs"
     port = free_port()

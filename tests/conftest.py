@@ -43,7 +43,7 @@ def _stop_leftover_jobs(checkpoints: Path):
     """Kill any background job a test left running, so it cannot outlive the test."""
     import signal
 
-    from core import jobs
+    from core.lab import jobs
 
     for status in checkpoints.glob("*/status.json"):
         try:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import attention as att
-from core.errors import GlassBoxError
+from core.gpt import attention as att
+from core.gpt.errors import GlassBoxError
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -187,7 +187,7 @@ def test_head_summary_names_the_habit():
 
 
 def cli_args(*argv):
-    from core.commands import attention as cmd
+    from core.stages import attention as cmd
     parser = argparse.ArgumentParser()
     cmd.add_arguments(parser)
     return cmd, parser.parse_args(list(argv))
@@ -229,8 +229,8 @@ def test_command_line_end_to_end():
 
 
 def test_model_attention_maps_from_a_tiny_gpt():
-    model_mod = pytest.importorskip("core.model", reason="core/model.py (stage 3 helper) not written yet")
-    tokenizers = pytest.importorskip("core.tokenizers", reason="core/tokenizers.py not written yet")
+    model_mod = pytest.importorskip("core.gpt.model", reason="core/model.py (stage 3 helper) not written yet")
+    tokenizers = pytest.importorskip("core.gpt.tokenizers", reason="core/tokenizers.py not written yet")
     torch.manual_seed(0)
     tok = tokenizers.train_char("hello world, attention!")
     config = model_mod.GPTConfig(vocab_size=tok.vocab_size, context_length=8, n_embd=16, n_head=2, n_layer=2)

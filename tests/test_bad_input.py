@@ -23,19 +23,19 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import data, jobs, runs
-from core import attention as att
-from core import gpt2 as G
-from core import judge as J
-from core import model as M
-from core import tokenizers as tok
-from core import train as T
+from core.lab import data, jobs, runs
+from core.gpt import attention as att
+from core.lab import gpt2 as G
+from core.gpt import judge as J
+from core.gpt import model as M
+from core.gpt import tokenizers as tok
+from core.gpt import train as T
 from core.__main__ import main as cli_main
-from core.errors import (DataError, GlassBoxError, JudgeError, ModelConfigError, RunError,
-                         TokenizerError, TrainingError)
-from core.tasks import classify as C
-from core.tasks import instruct as I
-from core.tasks.pretrain import LanguageModelTask
+from core.gpt.errors import GlassBoxError, ModelConfigError, TokenizerError, TrainingError
+from core.lab.errors import DataError, JudgeError, RunError
+from core.gpt import classify as C
+from core.gpt import instruct as I
+from core.gpt.pretrain import LanguageModelTask
 
 REPO = Path(__file__).resolve().parent.parent
 NAN, INF = float("nan"), float("inf")

@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from core import bench
+from core.lab import bench
 from core.__main__ import main, run_command
-from core.errors import GlassBoxError
+from core.gpt.errors import GlassBoxError
 
 QUICK_KEYS = ["matmul_gflops", "mfu_tiny", "mfu_small", "tokens_per_s_tiny", "tokens_per_s_small",
               "fast_vs_teaching", "kv_cache_speedup", "bpe_train_s"]

@@ -352,7 +352,7 @@ def test_two_students_share_the_runs_and_queue_for_the_job_slot(server, browser,
     (GLASSBOX_MAX_JOBS=1) B's job waits, and both students see it waiting."""
     from playwright.sync_api import expect
 
-    from core import jobs
+    from core.lab import jobs
 
     monkeypatch.setenv("GLASSBOX_CHECKPOINTS_DIR", str(workdir / "checkpoints"))
     students = [browser.new_context(viewport=PROJECTOR) for _ in range(2)]

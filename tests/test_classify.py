@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.errors import DataError, GlassBoxError
-from core.tasks import classify as C
+from core.gpt.errors import GlassBoxError
+from core.lab.errors import DataError
+from core.gpt import classify as C
 
 SHARED_DATA = Path((os.environ.get("GLASSBOX_DATA_DIR") or "").split(os.pathsep)[0]
                    or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
@@ -113,9 +114,9 @@ def test_confusion_matrix_counts_true_by_predicted():
 
 import shutil  # noqa: E402
 
-from core import runs  # noqa: E402
-from core.model import GPT, GPTConfig, save_model_run  # noqa: E402
-from core.tokenizers import train_char  # noqa: E402
+from core.lab import runs  # noqa: E402
+from core.gpt.model import GPT, GPTConfig, save_model_run  # noqa: E402
+from core.gpt.tokenizers import train_char  # noqa: E402
 
 TINY = dict(context_length=48, n_embd=32, n_head=2, n_layer=2)
 
@@ -325,7 +326,7 @@ def test_cli_prints_the_contract_keys(with_runs, capsys):
 
 def test_an_imported_gpt2_style_run_works_unchanged(isolated_workspace):
     """GPT-2's tokeniser (50,257 ids, end-of-text 50256 pads) and an 'import' run as the start."""
-    from core.tokenizers import gpt2_tokenizer
+    from core.gpt.tokenizers import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
     torch.manual_seed(0)
@@ -342,7 +343,7 @@ def test_an_imported_gpt2_style_run_works_unchanged(isolated_workspace):
 
 
 def test_cli_choices_match_the_core_module():
-    from core.commands import classify as cmd
+    from core.stages import classify as cmd
 
     assert cmd.FREEZE_MODES == tuple(C.FREEZE_MODES)
     assert (cmd.DEFAULT_FREEZE, cmd.DEFAULT_STEPS) == (C.DEFAULT_FREEZE, C.DEFAULT_STEPS)

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from core import data
-from core.errors import DataError
+from core.lab import data
+from core.lab.errors import DataError
 
 
 def test_builtin_corpus_loads_offline(monkeypatch):

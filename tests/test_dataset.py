@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.dataset import SlidingWindowDataset, make_dataloader, next_token_pairs, split_ids
-from core.errors import DataError
+from core.gpt.dataset import SlidingWindowDataset, make_dataloader, next_token_pairs, split_ids
+from core.lab.errors import DataError
 
 
 def test_windows_without_overlap():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core import runs
+from core.lab import runs
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n" * 50

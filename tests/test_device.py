@@ -1,4 +1,4 @@
-"""core.device: threads for torch, and the allocator setting that training processes use."""
+"""core.lab.device: threads for torch, and the allocator setting that training processes use."""
 
 import platform
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import device
+from core.lab import device
 
 
 def test_threads_follow_the_physical_cores_or_the_environment(monkeypatch):
@@ -27,7 +27,7 @@ def test_threads_follow_the_physical_cores_or_the_environment(monkeypatch):
 # MiB of freed memory glibc's malloc kept for the next step (mallinfo2's `fordblks`).
 FREED_AND_KEPT = """
 import ctypes, sys, torch
-from core import device
+from core.lab import device
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]

@@ -25,10 +25,11 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import jobs, runs
-from core.errors import CorruptRunError, GlassBoxError
-from core.model import GPT, GPTConfig, load_model_run, save_model_run
-from core.tokenizers import train_char
+from core.lab import jobs, runs
+from core.gpt.errors import GlassBoxError
+from core.lab.errors import CorruptRunError
+from core.gpt.model import GPT, GPTConfig, load_model_run, save_model_run
+from core.gpt.tokenizers import train_char
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, EVERY = 30, 10  # checkpoints at steps 10, 20, 30; the faults hit the one at step 20
@@ -43,7 +44,7 @@ from pathlib import Path
 
 KIND = os.environ.get("GLASSBOX_TEST_FAULT")
 if KIND:
-    import core.runs as runs
+    import core.lab.runs as runs
 
     MARKER = Path(os.environ["GLASSBOX_TEST_FAULT_MARKER"])
     STAGING = "checkpoint.next"
@@ -217,7 +218,7 @@ def restart_probe():
 
 def test_a_restarted_server_finds_the_running_job_and_can_stop_it():
     # The "old server": another process starts the job and then goes away.
-    code = ("import json, sys; from core import jobs; "
+    code = ("import json, sys; from core.lab import jobs; "
             "jobs.start_job(json.loads(sys.argv[1]), 'restarted')")
     subprocess.run([sys.executable, "-c", code, json.dumps(pretrain_argv("restarted", steps=100_000))],
                    cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), check=True, timeout=60)

@@ -11,11 +11,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from core import runs  # noqa: E402
+from core.lab import runs  # noqa: E402
 from core.__main__ import run_command  # noqa: E402
-from core.errors import GlassBoxError  # noqa: E402
-from core.gpt2 import GPT2FormatError, download_gpt2, load_hf_gpt2, save_hf_gpt2  # noqa: E402
-from core.model import GPT, GPTConfig, load_model_run, save_model_run  # noqa: E402
+from core.gpt.errors import GlassBoxError  # noqa: E402
+from core.lab.gpt2 import GPT2FormatError, download_gpt2, load_hf_gpt2, save_hf_gpt2  # noqa: E402
+from core.gpt.model import GPT, GPTConfig, load_model_run, save_model_run  # noqa: E402
 
 
 def hf_model(vocab=100, n_layer=2, n_embd=64, n_head=4, n_positions=32, tie=True, seed=0):
@@ -126,7 +126,7 @@ def test_missing_or_mismatched_tensors_are_named(tmp_path):
 
 
 def test_cli_export_then_import_round_trips_a_run(tmp_path):
-    from core.tokenizers import train_char
+    from core.gpt.tokenizers import train_char
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=40, context_length=16, n_embd=32, n_head=4, n_layer=2)).eval()
@@ -169,7 +169,7 @@ def test_importing_a_gpt2_vocabulary_model_uses_the_gpt2_tokenizer(tmp_path):
 def test_inspect_reports_budget_and_shapes():
     result = run_command(["inspect", "--preset", "small", "--vocab-size", "65", "--tokens", "5"])
     assert result["parameters"] == sum(result["breakdown"].values())
-    from core.model import PRESETS
+    from core.gpt.model import PRESETS
 
     assert result["layers"] == PRESETS["small"]["n_layer"] and result["shapes"]["lm_head"] == [1, 5, 65]
     assert f"blocks.{result['layers'] - 1}.mlp.fc" in result["shapes"]

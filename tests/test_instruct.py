@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from core.errors import DataError, GlassBoxError, TokenizerError
-from core.tasks import instruct as ins
+from core.gpt.errors import GlassBoxError, TokenizerError
+from core.lab.errors import DataError
+from core.gpt import instruct as ins
 
 SHARED_DATA = os.environ.get("GLASSBOX_DATA_DIR") or "/work/shared/data"
 # conftest.py gives every test empty checkpoints/ and data/ folders and finds the shared data.
@@ -176,9 +177,9 @@ TOY_RECORDS = [
 
 def make_start_run(run_id="start", preset="tiny"):
     """A tiny untrained GPT with a small BPE, stored as a stage-4 run."""
-    from core import runs
-    from core.model import GPT, preset_config, save_model_run
-    from core.tokenizers import train_bpe
+    from core.lab import runs
+    from core.gpt.model import GPT, preset_config, save_model_run
+    from core.gpt.tokenizers import train_bpe
 
     text = " ".join(ins.format_example(r) for r in TOY_RECORDS)
     tokenizer = train_bpe(text, 300)
@@ -196,8 +197,8 @@ def toy_data_file(tmp_path):
 
 
 def test_tiny_model_learns_the_format_and_writes_responses(tmp_path):
-    from core import runs
-    from core.train import TrainConfig
+    from core.lab import runs
+    from core.gpt.train import TrainConfig
 
     make_start_run()
     settings = ins.InstructSettings(data=toy_data_file(tmp_path), eval_limit=3, max_new_tokens=10,
@@ -261,8 +262,8 @@ def test_cli_reports_both_rates_and_refuses_bad_input(tmp_path, capsys):
 
 
 def test_start_run_must_be_a_language_model(tmp_path):
-    from core import runs
-    from core.errors import RunError
+    from core.lab import runs
+    from core.lab.errors import RunError
 
     runs.create_run("tok", "tokenizer", {})
     with pytest.raises(RunError, match="pre-trained"):
@@ -276,8 +277,8 @@ def test_empty_instruction_is_refused():
 
 
 def test_stop_and_resume(tmp_path, monkeypatch):
-    from core import runs
-    from core.train import TrainConfig
+    from core.lab import runs
+    from core.gpt.train import TrainConfig
 
     make_start_run()
     settings = ins.InstructSettings(data=toy_data_file(tmp_path), eval_limit=2, max_new_tokens=4)

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from core import jobs, runs
-from core.errors import JobError, RunExistsError
+from core.lab import jobs, runs
+from core.lab.errors import JobError, RunExistsError
 
 
 def wait_for(predicate, timeout=30.0, interval=0.1):
@@ -96,9 +96,9 @@ def test_job_survives_its_starter(tmp_path):
     import subprocess
     import sys
 
-    from core.paths import REPO_ROOT
+    from core.lab.paths import REPO_ROOT
 
-    starter = ("from core import jobs; "
+    starter = ("from core.lab import jobs; "
                "jobs.start_job(['countdown','--steps','200','--delay','0.05','--run-id','s1'],'s1')")
     subprocess.run([sys.executable, "-c", starter], cwd=REPO_ROOT, check=True,
                    env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from core import judge as J
-from core import runs
-from core.errors import DataError, JudgeError
+from core.gpt import judge as J
+from core.lab import runs
+from core.lab.errors import DataError, JudgeError
 from tests.fake_openai_server import GOOD_SINGLE, FakeOpenAIServer, free_port
 
 SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
@@ -432,7 +432,7 @@ def test_bad_sources_are_clear(tmp_path):
 
 def test_cli_and_background_job_never_write_the_key(tmp_path, monkeypatch, capsys):
     from core.__main__ import main
-    from core import jobs
+    from core.lab import jobs
 
     checkpoints = Path(os.environ["GLASSBOX_CHECKPOINTS_DIR"])
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from core import runs
-from core.errors import CorruptRunError, ModelConfigError
-from core.model import (GPT, PRESETS, GPTConfig, count_parameters, filtered_probabilities,
+from core.lab import runs
+from core.gpt.errors import ModelConfigError
+from core.lab.errors import CorruptRunError
+from core.gpt.model import (GPT, PRESETS, GPTConfig, count_parameters, filtered_probabilities,
                         load_model_run, preset_config, save_model_run)
 
 
@@ -216,7 +217,7 @@ def test_greedy_generation_is_identical_with_and_without_the_kv_cache(path):
 def test_cached_logits_equal_full_forward_logits():
     model = model_of(tiny())
     x = ids(batch=1, length=8)
-    from core.model import KVCache
+    from core.gpt.model import KVCache
 
     cache = KVCache(model.config, 1, "cpu", torch.float32)
     with torch.no_grad():
@@ -266,7 +267,7 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
 
 
 def _tokenizer():
-    from core.tokenizers import train_char
+    from core.gpt.tokenizers import train_char
 
     return train_char("abcdefghijklmnopqrstuvwxyz .,")  # fewer ids than the model's 50
 
@@ -285,7 +286,7 @@ def test_save_and_load_a_model_run_round_trips_weights_and_config():
 
 
 def test_a_run_with_missing_or_misshapen_tensors_names_the_tensor():
-    from core.model import model_tensors
+    from core.gpt.model import model_tensors
 
     model = model_of(tiny())
     runs.create_run("m2", "pretrain", {})

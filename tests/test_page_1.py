@@ -6,7 +6,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import tokenizers as tok
+from core.gpt import tokenizers as tok
 
 PAGE = "../pages/1_Tokenisation.py"
 
@@ -65,7 +65,7 @@ def test_bad_uploads_show_an_error(page, isolated_workspace, monkeypatch):
     assert any("UTF-8" in e.value for e in at.error)
     at.file_uploader[0].set_value(("empty.txt", b"", "text/plain")).run()
     assert any("empty" in e.value for e in at.error)
-    from core import data
+    from core.lab import data
 
     monkeypatch.setattr(data, "MAX_UPLOAD_BYTES", 100)
     at.file_uploader[0].set_value(("big.txt", b"word " * 100, "text/plain")).run()

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from tests.page_helpers import all_text, run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "2_Attention.py")
-HAVE_MODEL = importlib.util.find_spec("core.model") is not None
+HAVE_MODEL = importlib.util.find_spec("core.gpt.model") is not None
 
 
 def page() -> AppTest:
@@ -83,7 +83,7 @@ def test_controls_change_the_picture_live():
 
 
 def test_one_score_checked_by_hand_matches_the_weights_table():
-    from core.attention import attention_steps
+    from core.gpt.attention import attention_steps
 
     at = page()
     at.selectbox(key="toy_qi").set_value(2)
@@ -107,9 +107,9 @@ def test_unusable_text_gives_a_clear_error_not_a_traceback():
 def make_model_run(run_id: str, n_layer=2, n_head=2, context=32):
     import torch
 
-    from core import runs
-    from core.model import GPT, GPTConfig, save_model_run
-    from core.tokenizers import train_char
+    from core.lab import runs
+    from core.gpt.model import GPT, GPTConfig, save_model_run
+    from core.gpt.tokenizers import train_char
 
     torch.manual_seed(0)
     tokenizer = train_char("To be, or not to be, that is the question. <b>&")

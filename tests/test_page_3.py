@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import runs
-from core.model import GPT, GPTConfig, save_model_run
+from core.lab import runs
+from core.gpt.model import GPT, GPTConfig, save_model_run
 from tests.page_helpers import run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "3_Architecture.py")
@@ -78,7 +78,7 @@ def test_generate_from_the_untrained_model_and_from_a_run():
     text = at.text[0].value
     assert text.startswith("<b>hi</b>") and len(text) > len("<b>hi</b>")  # shown as plain text
 
-    from core.tokenizers import train_char
+    from core.gpt.tokenizers import train_char
 
     tokenizer = train_char("the quick brown fox jumps over the lazy dog")
     torch.manual_seed(0)
@@ -94,8 +94,8 @@ def test_generate_from_the_untrained_model_and_from_a_run():
 
 
 def test_import_a_gpt2_folder_into_the_run_store(tmp_path):
-    from core.gpt2 import save_hf_gpt2
-    from core.tokenizers import train_char
+    from core.lab.gpt2 import save_hf_gpt2
+    from core.gpt.tokenizers import train_char
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=40, context_length=16, n_embd=16, n_head=2, n_layer=1))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import jobs, runs
+from core.lab import jobs, runs
 from tests.page_helpers import run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "4_Pretraining.py")
@@ -96,7 +96,7 @@ def test_a_bad_run_name_is_refused_on_the_page():
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "base"])
 def test_every_preset_offers_its_recipe_as_defaults(preset):
-    from core.tasks.pretrain import recipe
+    from core.gpt.pretrain import recipe
 
     at = page()
     at.selectbox(key="pt_preset").select(preset).run()

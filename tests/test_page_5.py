@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import runs
-from core.model import GPT, GPTConfig, save_model_run
-from core.tasks import classify as C
-from core.tokenizers import train_char
-from core.train import model_tensors
+from core.lab import runs
+from core.gpt.model import GPT, GPTConfig, save_model_run
+from core.gpt import classify as C
+from core.gpt.tokenizers import train_char
+from core.gpt.train import model_tensors
 from tests.page_helpers import all_text, run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "5_Classification.py")
@@ -92,7 +92,7 @@ def test_page_with_a_start_run_starts_a_job_with_the_chosen_settings(monkeypatch
     assert argv[argv.index("--steps") + 1] == "2" and argv[argv.index("--run-id") + 1] == "from-page"
     assert at.session_state["classify_run"] == "from-page"
     assert any("from-page" in m.value for m in at.markdown)  # its job is shown straight away
-    from core import jobs
+    from core.lab import jobs
 
     jobs.stop_job("from-page", force=True)
 

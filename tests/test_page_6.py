@@ -7,8 +7,8 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import runs
-from core.tasks import instruct as ins
+from core.lab import runs
+from core.gpt import instruct as ins
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Instructions.py")
 
@@ -30,9 +30,9 @@ def all_markdown(at: AppTest) -> str:
 @pytest.fixture
 def finished_run(tmp_path):
     """A tiny start run and a finished (3-step) instruction run made from it."""
-    from core.model import GPT, preset_config, save_model_run
-    from core.tokenizers import train_bpe
-    from core.train import TrainConfig
+    from core.gpt.model import GPT, preset_config, save_model_run
+    from core.gpt.tokenizers import train_bpe
+    from core.gpt.train import TrainConfig
 
     tokenizer = train_bpe(" ".join(ins.format_example(r) for r in TOY_RECORDS), 280)
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def test_the_run_name_typed_is_the_one_the_job_gets(finished_run, monkeypatch):
         # The next run gets a fresh default name.
         assert at.text_input(key="instruct_run_name").value.startswith("instruct-tick-")
     finally:
-        from core import jobs
+        from core.lab import jobs
 
         jobs.stop_job("my-tuning", force=True)
 

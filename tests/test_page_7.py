@@ -5,8 +5,8 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from core import judge as J
-from core import runs
+from core.gpt import judge as J
+from core.lab import runs
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.page_helpers import all_text, run_page
 
@@ -75,7 +75,7 @@ def test_finished_judge_run_shows_table_charts_and_downloads():
 def test_start_button_runs_a_job_that_never_writes_the_key(isolated_workspace):
     import time
 
-    from core import jobs
+    from core.lab import jobs
 
     with FakeOpenAIServer(api_key=SECRET) as s:
         at = page()

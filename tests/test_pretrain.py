@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import jobs, runs
-from core.errors import TrainingError
-from core.tasks.pretrain import LanguageModelTask, encode_corpus, recipe
-from core.tokenizers import train_char
-from core.train import TrainConfig, batch_generator
+from core.lab import jobs, runs
+from core.gpt.errors import TrainingError
+from core.gpt.pretrain import LanguageModelTask, encode_corpus, recipe
+from core.gpt.tokenizers import train_char
+from core.gpt.train import TrainConfig, batch_generator
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
@@ -74,7 +74,7 @@ def test_validation_windows_are_fixed_and_inside_the_held_out_text():
 
 
 def test_validation_loss_of_an_untrained_model_is_near_ln_vocab():
-    from core.model import GPT, GPTConfig
+    from core.gpt.model import GPT, GPTConfig
 
     tok = train_char(TEXT)
     ids = encode_corpus(tok, TEXT)
@@ -96,7 +96,7 @@ def test_too_few_tokens_for_one_batch_is_refused():
 
 
 def test_encoded_corpus_is_cached_on_disk(tmp_path):
-    from core.tasks import pretrain
+    from core.gpt import pretrain
 
     pretrain._ENCODED.clear()
     tok = train_char(TEXT)
@@ -129,7 +129,7 @@ def test_cli_trains_and_prints_json_last_line(corpus_file):
     assert run.stage == "pretrain" and run.config["model"]["context_length"] == 32
     assert run.config["train"]["max_steps"] == 12 and run.config["tokenizer"] == "char"
     assert (run.path / "tokenizer.json").is_file() and run.has_weights()
-    from core.model import load_model_run
+    from core.gpt.model import load_model_run
 
     model, tokenizer, _ = load_model_run("cli1")  # stages 2, 3, 5 and 6 open it like this
     assert model.config.vocab_size == tokenizer.vocab_size
@@ -154,12 +154,12 @@ def test_cli_resume_continues_a_stopped_run_exactly(corpus_file):
                      "--checkpoint-every", "8", "--log-every", "4", *TINY])
     # a run cut short at step 8 (its budget said 8) would follow another schedule, so stop it
     # with a stop request instead: the job's Stop button does exactly this
-    from core.commands import pretrain as command  # in-process, to drop the request mid-run
+    from core.stages import pretrain as command  # in-process, to drop the request mid-run
     from core.__main__ import build_parser
 
     args = build_parser("pretrain").parse_args(
         ["--data", corpus_file, "--steps", "16", "--run-id", "s2", "--checkpoint-every", "8", "--log-every", "4", *TINY])
-    import core.train as train_module
+    import core.gpt.train as train_module
 
     real_log = train_module._Loop.log
 

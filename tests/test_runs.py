@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from core import runs
-from core.paths import REPO_ROOT
-from core.errors import CorruptRunError, RunError, RunExistsError, RunNotFoundError
+from core.lab import runs
+from core.lab.paths import REPO_ROOT
+from core.lab.errors import CorruptRunError, RunError, RunExistsError, RunNotFoundError
 
 
 @pytest.mark.parametrize("bad", ["", "..", "../x", "a/b", "/abs", "a\\b", ".hidden", "_jobs",
@@ -78,7 +78,7 @@ def test_writer_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path):
     runs.save_tensors(path, {"w": torch.zeros(256, 1024)})
     writer = textwrap.dedent(f"""
         import torch
-        from core import runs
+        from core.lab import runs
         i = 0
         while True:
             i += 1

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from core import data, runs
-from core.errors import CorruptRunError, DataError, RunError
+from core.lab import data, runs
+from core.lab.errors import CorruptRunError, DataError, RunError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,9 @@ import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core import tokenizers as tok
-from core.errors import GlassBoxError, RunExistsError, TokenizerError
+from core.gpt import tokenizers as tok
+from core.gpt.errors import GlassBoxError, TokenizerError
+from core.lab.errors import RunExistsError
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path((os.environ.get("GLASSBOX_DATA_DIR") or "").split(os.pathsep)[0]
@@ -402,7 +403,7 @@ def cli_args(**overrides):
 
 
 def test_tokenize_command_saves_a_run(isolated_workspace):
-    from core.commands import tokenize
+    from core.stages import tokenize
 
     result = tokenize.run(cli_args())
     assert result["run_id"] == "tok-cli" and result["vocab_size"] == 400
@@ -421,7 +422,7 @@ def test_tokenize_command_saves_a_run(isolated_workspace):
 
 
 def test_tokenize_command_bad_input(isolated_workspace):
-    from core.commands import tokenize
+    from core.stages import tokenize
 
     with pytest.raises(TokenizerError):
         tokenize.run(cli_args(vocab_size=100, run_id="small"))

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from core import runs
-from core.errors import TrainingError
-from core.model import GPT, GPTConfig
-from core.tasks.pretrain import LanguageModelTask
-from core.train import (STAGING_DIR, TrainConfig, budget_progress, learning_rate, load_checkpoint,
+from core.lab import runs
+from core.gpt.errors import TrainingError
+from core.gpt.model import GPT, GPTConfig
+from core.gpt.pretrain import LanguageModelTask
+from core.gpt.train import (STAGING_DIR, TrainConfig, budget_progress, learning_rate, load_checkpoint,
                         lr_schedule, make_optimizer, recover_checkpoint, train)
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 60
@@ -72,7 +72,7 @@ def test_loss_falls_and_files_are_written():
     assert not (path / STAGING_DIR).exists()
     assert runs.read_json(path / "train_state.json")["step"] == 60
     # the saved weights load back into a fresh model and give the same validation loss
-    from core.model import load_model_weights
+    from core.gpt.model import load_model_weights
 
     fresh = tiny_model(seed=99)
     load_model_weights(fresh, runs.load_tensors(path / "model.safetensors"))
@@ -162,7 +162,7 @@ def test_bad_settings_are_refused(bad, message):
 
 
 def test_model_too_big_for_memory_is_refused(monkeypatch):
-    import core.train as train_module
+    import core.gpt.train as train_module
 
     monkeypatch.setattr(train_module, "available_memory_bytes", lambda device: 10_000)
     with pytest.raises(TrainingError, match="GiB to train"):
@@ -204,7 +204,7 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 def test_disk_full_keeps_the_previous_checkpoint(monkeypatch):
-    import core.train as train_module
+    import core.gpt.train as train_module
 
     run_id = new_run("full")
     real_save = runs.save_tensors
@@ -291,7 +291,7 @@ def test_evaluating_every_step_logs_each_step_once():
 
 
 def test_progress_summary_and_downsample_for_the_page():
-    from core.train import downsample, progress_summary
+    from core.gpt.train import downsample, progress_summary
 
     assert progress_summary([], {"max_steps": 10})["step"] == 0
     rows = [{"step": s, "tokens": s * 100, "train_loss": 3.0 - s / 100, "elapsed_s": s / 10, "tokens_per_s": 1000.0}

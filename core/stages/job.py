@@ -1,0 +1,16 @@
+"""`python -m core job --run-id ID` (internal): the body of a background job, see core/jobs.py."""
+
+import sys
+
+from core.lab import jobs
+
+
+def add_arguments(parser):
+    parser.add_argument("--run-id", required=True)
+
+
+def run(args) -> dict:
+    code = jobs.run_job(args.run_id)
+    if code:
+        sys.exit(code)
+    return {"run_id": args.run_id, "state": jobs.job_state(args.run_id).state}
