@@ -32,7 +32,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.lab import runs
+from core.lab import cli, runs
 from core.gpt.errors import GlassBoxError
 from core.lab.errors import JobError, RunError
 from core.lab.paths import REPO_ROOT, checkpoints_dir
@@ -111,6 +111,18 @@ def start_job(argv: list[str], run_id: str, env: dict[str, str] | None = None) -
                            {"argv": list(argv), "created": time.time()})
     _spawn(run_id, env)
     return job_state(run_id)
+
+
+def start_stage(command: str, settings, run_id: str, env: dict[str, str] | None = None) -> JobState:
+    """Start stage `command` (`python -m core <command>`) with its typed `settings` as a job.
+
+    The job's command line is written from the settings dataclass (`core.lab.cli.to_argv`), so no
+    page builds one by hand, and `--run-id` is the job's own run id.
+    """
+    argv = [command] + cli.to_argv(settings)
+    if "--run-id" not in argv:
+        argv += ["--run-id", run_id]
+    return start_job(argv, run_id, env=env)
 
 
 def resume_job(run_id: str, env: dict[str, str] | None = None) -> JobState:
