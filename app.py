@@ -6,8 +6,7 @@ every page. Each page is a thin script in `pages/`; everything it computes comes
 
 import streamlit as st
 
-from core.lab import device, jobs
-from pages._ui import STAGES, job_sidebar
+from pages._ui import STAGES, configure_app_threads, job_sidebar
 
 st.set_page_config(page_title="Glass Box LLM", page_icon="🔍", layout="wide")
 
@@ -18,7 +17,6 @@ stage_pages = [st.Page(s.file, title=f"{s.number}. {s.title}", icon=s.icon)
 # paths made a deep link's first load flash "Page not found", as pages/ is also scanned by name.
 navigation = st.navigation({"Glass Box LLM": [home], "Build a GPT, stage by stage": stage_pages})
 
-# The app's own torch work must not fight a training job for the cores (see core/device.py).
-device.configure_ui_threads(job_running=bool(jobs.active_jobs()))
+configure_app_threads()
 job_sidebar()
 navigation.run()

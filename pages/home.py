@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from core.lab import data, device, jobs, paths, runs
+from core.stages import overview
 from pages._ui import STAGES, escape
 
 st.title("🔍 Glass Box LLM")
@@ -15,8 +15,8 @@ st.markdown(
 @st.fragment(run_every=3)
 def the_path() -> None:
     """The seven stages with their runs and jobs, re-read from disk every few seconds."""
-    all_runs = runs.list_runs()
-    active = {state.run_id: state for state in jobs.active_jobs()}
+    space = overview.workspace()
+    all_runs, active = space["runs"], space["active"]
     st.header("The path")
     for stage in STAGES:
         stage_runs = [r for r in all_runs if r.stage in stage.run_stages]
@@ -34,7 +34,7 @@ def the_path() -> None:
                 right.markdown("○ no runs yet")
             else:
                 right.markdown("○ nothing to save: explore it live")
-    broken = [r for r in all_runs if r.error]
+    broken = space["broken"]
     if broken:
         st.warning("Some runs have damaged files and are skipped: "
                    + "; ".join(f"{r.id}: {r.error}" for r in broken))
@@ -43,7 +43,7 @@ def the_path() -> None:
 the_path()
 
 st.header("This machine")
-info = device.describe()
+info = overview.machine()
 cols = st.columns(4)
 cols[0].metric("Device", info["device"].upper())
 cols[1].metric("Torch threads", info["threads"])
@@ -54,10 +54,11 @@ if info["device"] == "cpu":
                "A CUDA GPU or Apple MPS is used automatically when present.")
 
 st.header("Where things live")
-st.markdown(f"- **Checkpoints** (runs): `{paths.checkpoints_dir()}`\n"
-            f"- **Downloads and uploads**: `{paths.downloads_dir()}`\n"
-            f"- **Data folders searched**: " + ", ".join(f"`{d}`" for d in paths.search_dirs()))
-sources = data.list_sources()
+where = overview.folders()
+st.markdown(f"- **Checkpoints** (runs): `{where['checkpoints']}`\n"
+            f"- **Downloads and uploads**: `{where['downloads']}`\n"
+            f"- **Data folders searched**: " + ", ".join(f"`{d}`" for d in where["search"]))
+sources = overview.data_sources()
 st.dataframe(
     [{"source": s["name"], "here": "✅" if s["available"] else "—", "bytes": s["bytes"],
       "what": s["description"], "licence": s["licence"]} for s in sources],

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from core.lab import jobs, runs
+from core.lab import device, jobs, runs
 from core.gpt.errors import GlassBoxError
 
 
@@ -186,6 +186,11 @@ def _job_sidebar_body() -> None:
         lines.append(f"{icon} **{escape(state.run_id)}** · {escape(state.command)} · {escape(state.state)}"
                      + (f"  \n{escape(state.message)}" if state.message else ""))
     st.markdown("\n\n".join(lines) if lines else "No job running.")
+
+
+def configure_app_threads() -> None:
+    """The app's own torch work must not fight a training job for the cores (core/lab/device.py)."""
+    device.configure_ui_threads(job_running=bool(jobs.active_jobs()))
 
 
 def job_sidebar() -> None:
