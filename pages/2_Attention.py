@@ -195,7 +195,7 @@ def check_by_hand(s: dict, h: int, words: list[str]) -> None:
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
 def load_model(run_id: str, stamp: float):
     """The model and tokenizer of a run; `stamp` (weights file time) reloads a retrained run."""
-    from core.gpt.model import load_model_run
+    from core.lab.models import load_model_run
 
     model, tokenizer, _ = load_model_run(run_id)
     return model.eval(), tokenizer

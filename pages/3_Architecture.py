@@ -143,7 +143,7 @@ def untrained_model(config_json: str, seed: int = 0) -> GPT:
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
 def run_model(run_id: str, stamp: float):
     """A run's model and tokenizer; `stamp` (the weights file's time) reloads a retrained run."""
-    from core.gpt.model import load_model_run
+    from core.lab.models import load_model_run
 
     model, tokenizer, _ = load_model_run(run_id)
     return model.eval(), tokenizer

@@ -115,7 +115,8 @@ def test_confusion_matrix_counts_true_by_predicted():
 import shutil  # noqa: E402
 
 from core.lab import runs  # noqa: E402
-from core.gpt.model import GPT, GPTConfig, save_model_run  # noqa: E402
+from core.gpt.model import GPT, GPTConfig  # noqa: E402
+from core.lab.models import save_model_run
 from core.gpt.tokenizers import train_char  # noqa: E402
 
 TINY = dict(context_length=48, n_embd=32, n_head=2, n_layer=2)

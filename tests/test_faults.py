@@ -28,7 +28,8 @@ from streamlit.testing.v1 import AppTest
 from core.lab import jobs, runs
 from core.gpt.errors import GlassBoxError
 from core.lab.errors import CorruptRunError
-from core.gpt.model import GPT, GPTConfig, load_model_run, save_model_run
+from core.gpt.model import GPT, GPTConfig
+from core.lab.models import load_model_run, save_model_run
 from core.gpt.tokenizers import train_char
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,8 @@ from core.lab import runs  # noqa: E402
 from core.__main__ import run_command  # noqa: E402
 from core.gpt.errors import GlassBoxError  # noqa: E402
 from core.lab.gpt2 import GPT2FormatError, download_gpt2, load_hf_gpt2, save_hf_gpt2  # noqa: E402
-from core.gpt.model import GPT, GPTConfig, load_model_run, save_model_run  # noqa: E402
+from core.gpt.model import GPT, GPTConfig  # noqa: E402
+from core.lab.models import load_model_run, save_model_run
 
 
 def hf_model(vocab=100, n_layer=2, n_embd=64, n_head=4, n_positions=32, tie=True, seed=0):

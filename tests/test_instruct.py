@@ -178,7 +178,8 @@ TOY_RECORDS = [
 def make_start_run(run_id="start", preset="tiny"):
     """A tiny untrained GPT with a small BPE, stored as a stage-4 run."""
     from core.lab import runs
-    from core.gpt.model import GPT, preset_config, save_model_run
+    from core.gpt.model import GPT, preset_config
+    from core.lab.models import save_model_run
     from core.gpt.tokenizers import train_bpe
 
     text = " ".join(ins.format_example(r) for r in TOY_RECORDS)

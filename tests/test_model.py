@@ -8,8 +8,8 @@ import torch
 from core.lab import runs
 from core.gpt.errors import ModelConfigError
 from core.lab.errors import CorruptRunError
-from core.gpt.model import (GPT, PRESETS, GPTConfig, count_parameters, filtered_probabilities,
-                        load_model_run, preset_config, save_model_run)
+from core.gpt.model import GPT, PRESETS, GPTConfig, count_parameters, filtered_probabilities, preset_config
+from core.lab.models import generation_threads, load_model_run, save_model_run
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -286,7 +286,7 @@ def test_save_and_load_a_model_run_round_trips_weights_and_config():
 
 
 def test_a_run_with_missing_or_misshapen_tensors_names_the_tensor():
-    from core.gpt.model import model_tensors
+    from core.lab.models import model_tensors
 
     model = model_of(tiny())
     runs.create_run("m2", "pretrain", {})
@@ -312,7 +312,13 @@ def test_generation_leaves_the_thread_count_as_it_found_it():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        model.generate(ids(batch=1, length=2), 20, temperature=0)  # decodes on one thread, then restores
+        with generation_threads(model):  # decodes on one thread, then restores
+            assert torch.get_num_threads() == 1
+            model.generate(ids(batch=1, length=2), 20, temperature=0)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ModelConfigError):
+            with generation_threads(model):
+                model.generate(ids(batch=1, length=2), 3, temperature=-1)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

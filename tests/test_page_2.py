@@ -108,7 +108,8 @@ def make_model_run(run_id: str, n_layer=2, n_head=2, context=32):
     import torch
 
     from core.lab import runs
-    from core.gpt.model import GPT, GPTConfig, save_model_run
+    from core.gpt.model import GPT, GPTConfig
+    from core.lab.models import save_model_run
     from core.gpt.tokenizers import train_char
 
     torch.manual_seed(0)

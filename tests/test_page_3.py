@@ -7,7 +7,8 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core.lab import runs
-from core.gpt.model import GPT, GPTConfig, save_model_run
+from core.gpt.model import GPT, GPTConfig
+from core.lab.models import save_model_run
 from tests.page_helpers import run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "3_Architecture.py")

@@ -9,7 +9,8 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core.lab import runs
-from core.gpt.model import GPT, GPTConfig, save_model_run
+from core.gpt.model import GPT, GPTConfig
+from core.lab.models import save_model_run
 from core.gpt import classify as C
 from core.gpt.tokenizers import train_char
 from core.gpt.train import model_tensors

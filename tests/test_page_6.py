@@ -30,7 +30,8 @@ def all_markdown(at: AppTest) -> str:
 @pytest.fixture
 def finished_run(tmp_path):
     """A tiny start run and a finished (3-step) instruction run made from it."""
-    from core.gpt.model import GPT, preset_config, save_model_run
+    from core.gpt.model import GPT, preset_config
+    from core.lab.models import save_model_run
     from core.gpt.tokenizers import train_bpe
     from core.gpt.train import TrainConfig
 

@@ -129,7 +129,7 @@ def test_cli_trains_and_prints_json_last_line(corpus_file):
     assert run.stage == "pretrain" and run.config["model"]["context_length"] == 32
     assert run.config["train"]["max_steps"] == 12 and run.config["tokenizer"] == "char"
     assert (run.path / "tokenizer.json").is_file() and run.has_weights()
-    from core.gpt.model import load_model_run
+    from core.lab.models import load_model_run
 
     model, tokenizer, _ = load_model_run("cli1")  # stages 2, 3, 5 and 6 open it like this
     assert model.config.vocab_size == tokenizer.vocab_size

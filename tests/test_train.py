@@ -72,7 +72,7 @@ def test_loss_falls_and_files_are_written():
     assert not (path / STAGING_DIR).exists()
     assert runs.read_json(path / "train_state.json")["step"] == 60
     # the saved weights load back into a fresh model and give the same validation loss
-    from core.gpt.model import load_model_weights
+    from core.lab.models import load_model_weights
 
     fresh = tiny_model(seed=99)
     load_model_weights(fresh, runs.load_tensors(path / "model.safetensors"))

@@ -483,7 +483,7 @@ def load_start_model(run_id: str):
     """A language model to start from: a stage-4 (pretrain) run or an imported GPT-2."""
     from core.lab import runs
     from core.lab.errors import RunError
-    from core.gpt.model import load_model_run
+    from core.lab.models import load_model_run
 
     run = runs.open_run(run_id)
     if run.stage not in ("pretrain", "import", "instruct"):
@@ -505,7 +505,7 @@ def run_instruct(run_id: str, from_run: str, settings: InstructSettings, train_c
     `responses.json` and `format_rates.json`. Returns the headline figures.
     """
     from core.lab import runs
-    from core.gpt.model import save_model_run
+    from core.lab.models import save_model_run
 
     started = time.time()
     model, tokenizer = load_start_model(from_run)
@@ -604,7 +604,7 @@ def load_comparison_models(run_id: str, device=None):
     """(start model, tuned model, tokenizer) of an instruction run, both in eval mode."""
     from core.lab import runs
     from core.lab.errors import RunError
-    from core.gpt.model import load_model_run
+    from core.lab.models import load_model_run
 
     run = runs.open_run(run_id)
     if run.stage != "instruct":

@@ -37,7 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.gpt.errors import ModelConfigError
-from core.lab.errors import CorruptRunError
 
 ATTENTION_PATHS = ("fast", "teaching")
 # GELU(x) = x·Φ(x), Φ the normal distribution's CDF. GPT-2 used the GELU paper's tanh approximation
@@ -45,7 +44,6 @@ ATTENTION_PATHS = ("fast", "teaching")
 # forward + backward 0.75 ms exact vs 2.3 ms tanh (~10% of a training step of the 3 x 128 model
 # measured then). Models trained here use "exact"; GPT-2's weights were trained with, and keep, "tanh".
 GELU_KINDS = ("exact", "tanh")
-SINGLE_THREAD_DECODE_BELOW = 20_000_000  # parameters; see GPT.generate
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -513,26 +511,15 @@ class GPT(nn.Module):
         ctx = self.config.context_length
         cache = None
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        threads = torch.get_num_threads()
-        # A cached step of a small model is a handful of tiny matrix-vector products: a second CPU
-        # thread cannot share such little work and only adds waiting. When another process keeps
-        # the cores busy (a training job), the waiting dominates: a 2M-parameter model took ~50x
-        # longer per token with 2 threads than with 1 here. So small models decode on one thread.
-        single_thread = (idx.device.type == "cpu" and threads > 1
-                         and self.num_parameters() < SINGLE_THREAD_DECODE_BELOW)
         try:
             for _ in range(max_new_tokens):
                 if use_cache and idx.shape[1] <= ctx:
                     if cache is None:  # prefill: the whole prompt at once
                         cache = KVCache(self.config, idx.shape[0], idx.device, self.wte.weight.dtype)
                         logits = self._last_logits(idx, cache)
-                        if single_thread:
-                            torch.set_num_threads(1)
                     else:  # one new token, everything else comes from the cache
                         logits = self._last_logits(idx[:, -1:], cache)
                 else:
-                    if torch.get_num_threads() != threads:  # the window slides: full passes again
-                        torch.set_num_threads(threads)
                     logits = self._last_logits(idx[:, -ctx:], None)
                 next_id = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
@@ -542,8 +529,6 @@ class GPT(nn.Module):
                 if eos_id is not None and bool(finished.all()):
                     break
         finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
             self.train(was_training)
         return idx.squeeze(0) if squeeze else idx
 
@@ -604,81 +589,3 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         return logits.argmax(dim=-1, keepdim=True)
     probs = filtered_probabilities(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# ---------------------------------------------------------------------------- runs on disk
-
-
-def model_tensors(model: GPT) -> dict:
-    """The tensors to save: the state dict without the tied copy of the token embedding."""
-    tensors = dict(model.state_dict())
-    if model.lm_head.weight is model.wte.weight:
-        tensors.pop("lm_head.weight", None)
-    return tensors
-
-
-def load_model_weights(model: GPT, tensors: dict, source: str = "the weights file") -> GPT:
-    """Copy saved tensors into `model`, naming any tensor that is missing, extra or the wrong shape."""
-    expected = model_tensors(model)
-    missing = [name for name in expected if name not in tensors]
-    unexpected = [name for name in tensors if name not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
-        raise CorruptRunError(f"{source} does not match the model config: {'; '.join(parts)}.")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CorruptRunError(
-                f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the model config "
-                f"needs {tuple(expected[name].shape)}."
-            )
-    model.load_state_dict(tensors, strict=False)  # lm_head.weight stays tied when it is
-    return model
-
-
-def save_model_run(run_id: str, model: GPT, tokenizer) -> None:
-    """Write the weights and tokenizer into an existing run and record the model config in config.json."""
-    from core.lab import runs
-
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise ModelConfigError(
-            f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}."
-        )
-    path = runs.run_dir(run_id)
-    if not (path / "config.json").exists():
-        raise CorruptRunError(f"Run {run_id!r} has no config.json: create the run first.")
-    runs.save_tensors(path / "model.safetensors", model_tensors(model),
-                      metadata={"format": "pt", "glassbox": "gpt"})
-    if tokenizer is not None:
-        tokenizer.save(path / "tokenizer.json")
-    config = runs.read_json(path / "config.json")
-    config["model"] = model.config.to_dict()
-    runs.write_json_atomic(path / "config.json", config)
-
-
-def load_model_run(run_id: str, device=None):
-    """(model, tokenizer, run config dict) of a run that holds a language model. Weights in fp32."""
-    from core.lab import runs
-    from core.gpt.tokenizers import load_tokenizer
-
-    run = runs.open_run(run_id)
-    if "model" not in run.config:
-        raise CorruptRunError(f"Run {run_id!r} holds no model (its config.json has no 'model').")
-    try:
-        config = GPTConfig.from_dict(run.config["model"])
-    except ModelConfigError as e:
-        raise CorruptRunError(f"{run.path / 'config.json'}: {e}") from None
-    model = GPT(config)
-    load_model_weights(model, runs.load_tensors(run.path / "model.safetensors"),
-                       source=str(run.path / "model.safetensors"))
-    tokenizer_path = run.path / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise CorruptRunError(f"{tokenizer_path} is missing.")
-    tokenizer = load_tokenizer(tokenizer_path)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model, tokenizer, run.config

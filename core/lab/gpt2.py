@@ -25,7 +25,8 @@ import torch
 
 from core.gpt.errors import GlassBoxError, ModelConfigError
 from core.lab.errors import CorruptRunError
-from core.gpt.model import GPT, GPTConfig, load_model_weights, model_tensors
+from core.gpt.model import GPT, GPTConfig
+from core.lab.models import load_model_weights, model_tensors
 
 HUB_URL = "https://huggingface.co"
 HUB_FILES = ("config.json", "model.safetensors")
@@ -265,7 +266,7 @@ def tokenizer_for_folder(folder, vocab_size: int):
 def import_gpt2(folder, run_id: str, progress=None) -> dict:
     """Load a GPT-2 folder into a new run (stage "import") that every later page can open."""
     from core.lab import runs
-    from core.gpt.model import save_model_run
+    from core.lab.models import save_model_run
 
     folder = Path(folder).expanduser()
     runs.validate_run_id(run_id)
@@ -284,7 +285,7 @@ def import_gpt2(folder, run_id: str, progress=None) -> dict:
 
 def export_run(run_id: str, out_dir) -> Path:
     """Write run `run_id` as a Hugging Face GPT-2 folder."""
-    from core.gpt.model import load_model_run
+    from core.lab.models import load_model_run
 
     model, tokenizer, _ = load_model_run(run_id)
     return save_hf_gpt2(model, out_dir, tokenizer)

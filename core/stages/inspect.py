@@ -60,7 +60,8 @@ def inspect_model(config, model=None, ids: list[int] | None = None, n_tokens: in
 
 
 def run(args) -> dict:
-    from core.gpt.model import PRESETS, load_model_run, preset_config
+    from core.gpt.model import PRESETS, preset_config
+    from core.lab.models import load_model_run
 
     if args.preset:
         vocab = args.vocab_size or PRESETS.get(args.preset, {}).get("vocab_size", 256)

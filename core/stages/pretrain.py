@@ -119,7 +119,8 @@ def run(args) -> dict:
     from core.lab import data, runs
     from core.lab.device import pick_device
     from core.gpt.errors import TrainingError
-    from core.gpt.model import GPT, GPTConfig, preset_config, save_model_run
+    from core.gpt.model import GPT, GPTConfig, preset_config
+    from core.lab.models import save_model_run
     from core.gpt.pretrain import LanguageModelTask, default_tokenizer, encode_corpus
     from core.gpt.tokenizers import load_tokenizer, tokenizer_from_spec
     from core.gpt.train import configure_threads, train
