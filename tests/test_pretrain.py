@@ -14,6 +14,7 @@ import torch
 from core.lab import jobs, runs
 from core.gpt.errors import TrainingError
 from core.gpt.pretrain import LanguageModelTask, encode_corpus, recipe
+from core.stages import pretrain as stage
 from core.gpt.tokenizers import train_char
 from core.gpt.train import TrainConfig, batch_generator
 
@@ -96,15 +97,13 @@ def test_too_few_tokens_for_one_batch_is_refused():
 
 
 def test_encoded_corpus_is_cached_on_disk(tmp_path):
-    from core.gpt import pretrain
-
-    pretrain._ENCODED.clear()
+    stage._ENCODED.clear()
     tok = train_char(TEXT)
-    first = encode_corpus(tok, TEXT, cache_dir=tmp_path)
+    first = stage.encode_cached(tok, TEXT, cache_dir=tmp_path)
     files = list(tmp_path.glob("encoded-*.safetensors"))
     assert len(files) == 1
-    pretrain._ENCODED.clear()
-    again = encode_corpus(tok, TEXT, cache_dir=tmp_path)
+    stage._ENCODED.clear()
+    again = stage.encode_cached(tok, TEXT, cache_dir=tmp_path)
     assert torch.equal(first, again) and again.tolist() == tok.encode(TEXT)
 
 
@@ -154,25 +153,24 @@ def test_cli_resume_continues_a_stopped_run_exactly(corpus_file):
                      "--checkpoint-every", "8", "--log-every", "4", *TINY])
     # a run cut short at step 8 (its budget said 8) would follow another schedule, so stop it
     # with a stop request instead: the job's Stop button does exactly this
-    from core.stages import pretrain as command  # in-process, to drop the request mid-run
     from core.__main__ import build_parser
+    from core.lab import cli as cli_module
+    from core.lab.training import RunHooks
 
     args = build_parser("pretrain").parse_args(
         ["--data", corpus_file, "--steps", "16", "--run-id", "s2", "--checkpoint-every", "8", "--log-every", "4", *TINY])
-    import core.gpt.train as train_module
-
-    real_log = train_module._Loop.log
+    real_log = RunHooks.log
 
     def log_and_stop(self, record):
         real_log(self, record)
         if record.get("step") == 8:
             runs.request_stop("s2")
 
-    train_module._Loop.log = log_and_stop
+    RunHooks.log = log_and_stop  # in-process, to drop the request mid-run
     try:
-        first = command.run(args)
+        first = stage.run(cli_module.settings_from_args(stage.Settings, args))
     finally:
-        train_module._Loop.log = real_log
+        RunHooks.log = real_log
     assert first["stopped"] and first["steps"] == 8
     runs.clear_stop("s2")
     resumed = cli("--data", corpus_file, "--steps", "16", "--run-id", "s2", "--checkpoint-every", "8",

@@ -11,8 +11,12 @@ from core.lab import runs
 from core.gpt.errors import TrainingError
 from core.gpt.model import GPT, GPTConfig
 from core.gpt.pretrain import LanguageModelTask
-from core.gpt.train import (STAGING_DIR, TrainConfig, budget_progress, learning_rate, load_checkpoint,
-                        lr_schedule, make_optimizer, recover_checkpoint, train)
+from core.gpt.train import TrainConfig, budget_progress, learning_rate, make_optimizer
+from core.lab import device as device_module
+from core.lab.checkpoints import STAGING_DIR, load_checkpoint, recover_checkpoint
+from core.lab.training import train
+from core.stages.pretrain import lr_schedule, progress_summary
+from pages._ui.charts import downsample
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 60
 VOCAB = sorted(set(TEXT))
@@ -162,9 +166,7 @@ def test_bad_settings_are_refused(bad, message):
 
 
 def test_model_too_big_for_memory_is_refused(monkeypatch):
-    import core.gpt.train as train_module
-
-    monkeypatch.setattr(train_module, "available_memory_bytes", lambda device: 10_000)
+    monkeypatch.setattr(device_module, "available_memory_bytes", lambda device: 10_000)
     with pytest.raises(TrainingError, match="GiB to train"):
         train(new_run("big"), tiny_model(), tiny_task(), config())
 
@@ -204,8 +206,6 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 def test_disk_full_keeps_the_previous_checkpoint(monkeypatch):
-    import core.gpt.train as train_module
-
     run_id = new_run("full")
     real_save = runs.save_tensors
     calls = {"n": 0}
@@ -216,10 +216,10 @@ def test_disk_full_keeps_the_previous_checkpoint(monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(path, tensors, metadata)
 
-    monkeypatch.setattr(train_module.runs, "save_tensors", failing_save)
+    monkeypatch.setattr(runs, "save_tensors", failing_save)
     with pytest.raises(TrainingError, match=r"No space left.*checkpoint from step 10 is kept"):
         train(run_id, tiny_model(), tiny_task(), config())
-    monkeypatch.setattr(train_module.runs, "save_tensors", real_save)
+    monkeypatch.setattr(runs, "save_tensors", real_save)
     path = runs.run_dir(run_id)
     assert runs.read_json(path / "train_state.json")["step"] == 10
     resumed = train(run_id, tiny_model(), tiny_task(), config(), resume=True)
@@ -291,8 +291,6 @@ def test_evaluating_every_step_logs_each_step_once():
 
 
 def test_progress_summary_and_downsample_for_the_page():
-    from core.gpt.train import downsample, progress_summary
-
     assert progress_summary([], {"max_steps": 10})["step"] == 0
     rows = [{"step": s, "tokens": s * 100, "train_loss": 3.0 - s / 100, "elapsed_s": s / 10, "tokens_per_s": 1000.0}
             for s in range(1, 101)]

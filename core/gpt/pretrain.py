@@ -15,13 +15,12 @@ time, shows whether the model learns the language or only memorises its training
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
+import array
 
 import torch
 import torch.nn.functional as F
 
+from core.gpt.dataset import SlidingWindowDataset, split_ids
 from core.gpt.errors import TrainingError
 from core.gpt.train import TrainConfig, TrainTask
 
@@ -72,44 +71,15 @@ def recipe(preset: str) -> dict:
 
 # ---------------------------------------------------------------------------- encoding
 
-_ENCODED: dict[str, torch.Tensor] = {}  # in-memory cache: the same corpus is encoded once per process
+
+def ids_tensor(ids) -> torch.Tensor:
+    """A flat int64 tensor of token ids (through a C array: ~4× faster than torch.tensor(list))."""
+    return torch.frombuffer(array.array("q", ids), dtype=torch.int64) if len(ids) else torch.zeros(0, dtype=torch.long)
 
 
-def _ids_tensor(ids) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(ids, dtype=np.int64))  # 4× faster than torch.tensor(list)
-
-
-def encode_corpus(tokenizer, text: str, cache_dir: Path | None = None) -> torch.Tensor:
-    """The corpus as one long tensor of token ids, shape (N,).
-
-    Encoding a megabyte with a BPE tokeniser takes a while, so the ids are kept in memory and,
-    when `cache_dir` is given (a stage-1 tokeniser run), on disk as safetensors.
-    """
-    from core.lab import runs
-
-    tokenizer_json = json.dumps(tokenizer.to_dict(), sort_keys=True)
-    key = hashlib.sha256(tokenizer_json.encode() + b"\0" + text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-    if key in _ENCODED:
-        return _ENCODED[key]
-    cache_file = Path(cache_dir) / f"encoded-{key}.safetensors" if cache_dir else None
-    ids = None
-    if cache_file is not None and cache_file.is_file():
-        try:
-            ids = runs.load_tensors(cache_file)["ids"].long()
-        except Exception:  # a damaged cache is just recomputed
-            ids = None
-    if ids is None:
-        ids = _ids_tensor(tokenizer.encode(text))
-        if cache_file is not None:
-            try:
-                runs.save_tensors(cache_file, {"ids": ids.to(torch.int32)})
-            except OSError:
-                pass  # a read-only or full disk: the cache is only an optimisation
-    _ENCODED.clear()  # keep one corpus in memory, not every one ever seen
-    _ENCODED[key] = ids
-    return ids
+def encode_corpus(tokenizer, text: str) -> torch.Tensor:
+    """The corpus as one long tensor of token ids, shape (N,)."""
+    return ids_tensor(tokenizer.encode(text))
 
 
 # ---------------------------------------------------------------------------- the task
@@ -121,9 +91,7 @@ class LanguageModelTask(TrainTask):
     def __init__(self, ids, context_length: int, val_fraction: float = 0.1, tokenizer=None,
                  sample_prompt: str | None = "\n", sample_tokens: int = 200,
                  sample_temperature: float = 0.8, sample_top_k: int | None = None):
-        from core.gpt.dataset import split_ids
-
-        ids = ids if torch.is_tensor(ids) else _ids_tensor(ids)
+        ids = ids if torch.is_tensor(ids) else ids_tensor(ids)
         if ids.dim() != 1:
             raise TrainingError("The corpus must be one flat list of token ids.")
         if not isinstance(context_length, int) or context_length < 1:
@@ -164,22 +132,29 @@ class LanguageModelTask(TrainTask):
         starts = torch.randint(len(data) - self.context_length, (batch_size,), generator=generator)
         return self.windows(data, starts)
 
-    def validation_starts(self) -> torch.Tensor:
-        """Fixed, evenly spaced windows over the validation text: the same ones at every evaluation,
-        so the validation curve moves only because the model changes."""
+    def validation_windows(self) -> SlidingWindowDataset:
+        """Fixed, evenly spaced windows over the validation text (stage 1's sliding windows, with a
+        stride that gives about `eval_batches × batch_size` of them): the same ones at every
+        evaluation, so the validation curve moves only because the model changes."""
         config = self.config or TrainConfig(max_steps=1)
         wanted = config.eval_batches * config.batch_size
         last_start = len(self.val_ids) - self.context_length - 1
-        count = max(1, min(wanted, last_start + 1))
-        return torch.linspace(0, last_start, count).round().long().unique()
+        stride = max(1, last_start // max(1, wanted - 1)) if last_start > 0 else 1
+        return SlidingWindowDataset(self.val_ids, self.context_length, stride)
+
+    def validation_starts(self) -> torch.Tensor:
+        """Where each validation window begins."""
+        config = self.config or TrainConfig(max_steps=1)
+        windows = self.validation_windows()
+        return torch.arange(min(len(windows), config.eval_batches * config.batch_size)) * windows.stride
 
     def evaluate(self, model) -> dict[str, float]:
         device = next(model.parameters()).device
-        starts = self.validation_starts()
+        windows, starts = self.validation_windows(), self.validation_starts()
         batch = 2 * (self.config.batch_size if self.config else 32)  # no gradients: twice the batch fits
         total, count = 0.0, 0
         for i in range(0, len(starts), batch):
-            x, y = self.windows(self.val_ids, starts[i:i + batch])
+            x, y = (torch.stack(part) for part in zip(*(windows[j] for j in range(i, min(i + batch, len(starts))))))
             logits, _ = model(x.to(device))
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).reshape(-1),
                                    reduction="sum")

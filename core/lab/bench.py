@@ -32,7 +32,14 @@ from pathlib import Path
 
 import torch
 
+from core.gpt.errors import GlassBoxError
+from core.gpt.model import GPT, preset_config
+from core.gpt.pretrain import recipe
+from core.gpt.tokenizers import train_bpe
+from core.gpt.train import TrainConfig, make_optimizer
+from core.lab import data, jobs
 from core.lab.device import configure_threads, pick_device, reuse_freed_memory
+from core.lab.paths import REPO_ROOT
 
 CHAR_VOCAB = 65  # Tiny Shakespeare has 65 distinct characters: the vocabulary of `small`'s target
 
@@ -108,7 +115,6 @@ def matmul_gflops(sizes=(1024, 2048), repeats: int = 5, device=None, dtype=None)
 
 def _train_recipe(preset: str) -> dict:
     try:
-        from core.gpt.pretrain import recipe
 
         return recipe(preset)
     except ImportError:  # the stage-4 task is optional for the benchmark
@@ -124,8 +130,6 @@ class _Trainer:
 
     def __init__(self, preset: str, vocab_size: int = CHAR_VOCAB, batch_size: int | None = None,
                  device=None, attention: str = "fast", seed: int = 0, **overrides):
-        from core.gpt.model import GPT, preset_config
-        from core.gpt.train import TrainConfig, make_optimizer
 
         self.device = _device(device)
         reuse_freed_memory()  # as core.gpt.train does
@@ -255,7 +259,6 @@ def kv_cache_speedup(preset: str = "base", new_tokens: int = 256, rounds: int = 
     already fits). Also checks that
     both ways produce the same tokens.
     """
-    from core.gpt.model import GPT, preset_config
 
     device = _device(device)
     if device.type == "cpu":
@@ -290,9 +293,6 @@ def kv_cache_speedup(preset: str = "base", new_tokens: int = 256, rounds: int = 
 
 def bpe_train_s(vocab_size: int = 1000, data_name: str = "tinyshakespeare", max_chars: int | None = None) -> dict:
     """Seconds to train byte-level BPE to `vocab_size` tokens on a corpus (None + a note if it is missing)."""
-    from core.lab import data
-    from core.gpt.errors import GlassBoxError
-    from core.gpt.tokenizers import train_bpe
 
     try:
         text = data.read_text(data_name)
@@ -328,7 +328,6 @@ def _temporary_checkpoints():
 
 def _corpus_for_bench(preferred: str = "tinyshakespeare") -> str:
     """Tiny Shakespeare if it is here, else Python's docs (always installed)."""
-    from core.lab import data
 
     return preferred if data.find(preferred) is not None else "python-docs"
 
@@ -354,7 +353,6 @@ def first_point_s(preset: str = "tiny", timeout_s: float = 120.0, data_name: str
     and encodes the corpus, builds the model and takes its first step. The job is stopped at once
     and its temporary run folder removed.
     """
-    from core.lab import jobs
 
     data_name = data_name or _corpus_for_bench()
     run_id = "bench-first-point"
@@ -390,7 +388,6 @@ def first_point_s(preset: str = "tiny", timeout_s: float = 120.0, data_name: str
 
 def _stop_and_wait(run_id: str, grace_s: float = 10.0) -> None:
     """End the benchmark's job at once (its checkpoint is not wanted) and wait until it is gone."""
-    from core.lab import jobs
 
     jobs.stop_job(run_id, force=True)
     deadline = time.perf_counter() + grace_s
@@ -409,8 +406,6 @@ def time_to_val_loss(preset: str = "small", target: float = 1.88, data_name: str
     The recipe evaluates every few hundred steps, so the time is that of the first evaluation that
     shows the target, an upper bound on the moment it was crossed.
     """
-    from core.lab import data
-    from core.lab.paths import REPO_ROOT
 
     if data.find(data_name) is None:
         return {"time_to_val_loss_s": None, "time_to_val_loss_note": f"skipped: {data_name} is not available"}

@@ -7,8 +7,14 @@ On CUDA the training loop may use bf16 autocast; Apple's MPS is used when presen
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+
+import torch
+import torch.distributed as dist
+
+from core.gpt.errors import TrainingError
 
 
 def physical_cores() -> int:
@@ -43,8 +49,6 @@ def _linux_physical_cores() -> int | None:
 
 def configure_threads(threads: int | None = None) -> int:
     """Give torch one thread per physical core (or GLASSBOX_THREADS); returns the count."""
-    import torch
-
     wanted = threads or int(os.environ.get("GLASSBOX_THREADS", 0) or 0) or physical_cores()
     torch.set_num_threads(wanted)
     return wanted
@@ -64,8 +68,6 @@ def reuse_freed_memory() -> bool:
     which a training process reaches every step anyway. Blocks over 32 MiB (glibc's limit) still go
     straight to the kernel. Returns False where the C library is not glibc (macOS, musl): a no-op.
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # only glibc has it
@@ -90,8 +92,6 @@ def configure_ui_threads(job_running: bool) -> int:
 
 def pick_device(prefer: str | None = None):
     """CUDA if present, then Apple MPS, else CPU (or GLASSBOX_DEVICE / `prefer` if given)."""
-    import torch
-
     choice = prefer or os.environ.get("GLASSBOX_DEVICE")
     if choice:
         return torch.device(choice)
@@ -104,8 +104,6 @@ def pick_device(prefer: str | None = None):
 
 def describe() -> dict:
     """What the home page shows about the machine."""
-    import torch
-
     device = pick_device()
     info = {
         "device": device.type,
@@ -117,3 +115,87 @@ def describe() -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def configure_training_threads() -> int:
+    """One thread per physical core, shared out between the processes `torchrun` put on this machine.
+
+    Also tells the C allocator to keep freed memory for the next step (see `reuse_freed_memory`).
+    """
+    reuse_freed_memory()
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_processes > 1 and not os.environ.get("GLASSBOX_THREADS"):
+        return configure_threads(max(1, physical_cores() // local_processes))
+    return configure_threads()
+
+
+def available_memory_bytes(device) -> int | None:
+    """Free memory on the device (CUDA) or in the machine (RAM); None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_training_memory(model, batch_size: int, seq_len: int) -> int:
+    """A rough upper estimate, in bytes, of what one fp32 training step needs.
+
+    Weights, gradients and AdamW's two moments: 4 copies of every parameter. Activations kept for
+    the backward pass: per layer about 20 numbers per token per channel plus the attention maps
+    (n_head × T × T per sequence, a few copies), and the logits with their gradient (B × T × V).
+    """
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = getattr(model, "config", None)
+    n_layer = getattr(cfg, "n_layer", 1)
+    n_embd = getattr(cfg, "n_embd", 0)
+    n_head = getattr(cfg, "n_head", 1)
+    vocab = getattr(cfg, "vocab_size", 0)
+    tokens = batch_size * seq_len
+    per_layer = tokens * 20 * n_embd + 3 * batch_size * n_head * seq_len * seq_len
+    activations = n_layer * per_layer + 3 * tokens * vocab + 4 * tokens * n_embd
+    return 4 * (4 * n_params + activations)
+
+
+def check_memory(model, batch_size: int, seq_len: int, device) -> None:
+    """Refuse, before anything big is allocated, a model and batch that cannot fit."""
+    need = estimate_training_memory(model, batch_size, seq_len)
+    free = available_memory_bytes(device)
+    if free is not None and need > 0.8 * free:
+        raise TrainingError(
+            f"This model and batch need about {need / 2**30:.1f} GiB to train, but only "
+            f"{free / 2**30:.1f} GiB is free. Choose a smaller preset, a smaller batch size "
+            "(use gradient accumulation to keep the effective batch) or a shorter context."
+        )
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world_size), starting the process group if launched by `torchrun`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def training_device(device=None, rank: int = 0, world: int = 1):
+    """The device this process trains on (one GPU per process under torchrun), set up for speed."""
+    if device is None:
+        device = pick_device()
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
