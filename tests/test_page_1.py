@@ -6,7 +6,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.gpt import tokenizers as tok
+from core.lab import tokenizer_files as tok
 
 PAGE = "../pages/1_Tokenisation.py"
 
@@ -99,3 +99,31 @@ def test_save_the_tokeniser_as_a_run(page, isolated_workspace):
     at.button[0].click().run()  # the same id again: refused, the saved run is untouched
     assert any("already exists" in e.value for e in at.error)
     assert (folder / "tokenizer.json").read_bytes() == before
+
+
+def test_long_text_is_cut_with_a_clear_message(page):
+    at = page
+    at.text_area[0].set_value("ab " * 4000).run()  # 12,000 characters
+    assert not at.exception
+    assert any("only the first 5,000 characters" in w.value for w in at.warning)
+    rows = at.dataframe[1].value.set_index("tokeniser")
+    assert rows.loc["Characters", "tokens"] == 5000
+
+
+def test_the_code_behind_the_merges_is_the_live_naive_bpe(page):
+    import inspect
+
+    from core.gpt import tokenizers
+
+    shown = [c.value.strip() for c in page.code]
+    assert inspect.getsource(tokenizers.train_bpe_naive).strip() in shown
+    assert inspect.getsource(tokenizers.train_bpe).strip() in shown
+    assert any("core.gpt.tokenizers.train_bpe_naive" in c.value for c in page.caption)
+
+
+def test_saving_writes_a_finished_run_without_a_pid(page, isolated_workspace):
+    at = page
+    at.text_input[0].set_value("saved-here").run()
+    at.button[0].click().run()
+    status = json.loads((isolated_workspace["checkpoints"] / "saved-here" / "status.json").read_text())
+    assert status["state"] == "finished" and "pid" not in status

@@ -15,6 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.gpt import tokenizers as tok
+from core.lab import tokenizer_files as tf
+from core.stages import tokenize
+from pages._ui.tokens import token_spans_html
 from core.gpt.errors import GlassBoxError, TokenizerError
 from core.lab.errors import RunExistsError
 
@@ -108,7 +111,7 @@ def test_bpe_compresses_its_training_text(small_bpe):
 @pytest.mark.parametrize("text", TRICKY)
 def test_byte_level_round_trip_examples(small_bpe, text):
     assert small_bpe.decode(small_bpe.encode(text)) == text
-    gpt2 = tok.gpt2_tokenizer()
+    gpt2 = tf.gpt2_tokenizer()
     assert gpt2.decode(gpt2.encode(text)) == text
 
 
@@ -119,7 +122,7 @@ def test_byte_level_round_trip_examples(small_bpe, text):
 )))
 def test_byte_level_round_trip_any_utf8(small_bpe, text):
     assert small_bpe.decode(small_bpe.encode(text)) == text
-    gpt2 = tok.gpt2_tokenizer()
+    gpt2 = tf.gpt2_tokenizer()
     assert gpt2.decode(gpt2.encode(text)) == text
 
 
@@ -131,7 +134,7 @@ def test_our_bpe_encodes_exactly_like_tiktoken_with_the_same_merges(small_bpe):
     held_out = (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30_000]
     for text in [verdict_text(), held_out, *TRICKY]:
         assert small_bpe.encode(text) == theirs.encode(text, allowed_special="all")
-    assert small_bpe.as_tiktoken().encode(held_out) == small_bpe.encode(held_out)
+    assert tf.ByteLevelBPE.from_bpe(small_bpe).encode(held_out) == small_bpe.encode(held_out)
 
 
 def test_split_pattern_is_tiktokens_gpt2_pattern():
@@ -141,7 +144,7 @@ def test_split_pattern_is_tiktokens_gpt2_pattern():
 
 
 def test_partial_utf8_tokens_are_shown_readably():
-    gpt2 = tok.gpt2_tokenizer()
+    gpt2 = tf.gpt2_tokenizer()
     ids = gpt2.encode("🙂")
     assert len(ids) > 1  # an emoji is several byte tokens in GPT-2
     shown = [gpt2.token_text(i) for i in ids]
@@ -158,7 +161,7 @@ def test_compression_grows_with_vocabulary(small_bpe):
 
 
 def test_merges_table_and_truncation(small_bpe):
-    table = tok.merges_table(small_bpe, limit=5)
+    table = tokenize.merges_table(small_bpe, limit=5)
     assert [row["rank"] for row in table] == [1, 2, 3, 4, 5]
     assert table[0]["id"] == 256
     smaller = small_bpe.truncated(300)
@@ -173,7 +176,7 @@ def test_bpe_progress_is_reported():
 
 
 def test_bench_bpe_train_reports_seconds():
-    result = tok.bench_bpe_train(verdict_text(), 300)
+    result = tf.bench_bpe_train(verdict_text(), 300)
     assert result["vocab_size"] == 300 and result["bpe_train_s"] > 0
 
 
@@ -181,7 +184,7 @@ def test_bench_bpe_train_reports_seconds():
 
 
 def test_gpt2_offline_known_ids():
-    gpt2 = tok.gpt2_tokenizer()
+    gpt2 = tf.gpt2_tokenizer()
     assert gpt2.encode("Hello, world") == [15496, 11, 995]
     assert gpt2.vocab_size == 50257
     assert gpt2.eot_id == 50256
@@ -191,13 +194,13 @@ def test_gpt2_offline_known_ids():
 
 def test_gpt2_files_are_checked_against_tiktokens_hashes(monkeypatch, tmp_path):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
-    monkeypatch.setattr(tok, "GPT2_VOCAB_BPE_SHA256", "0" * 64)
-    tok._gpt2_encoding.cache_clear()
+    monkeypatch.setattr(tf, "GPT2_VOCAB_BPE_SHA256", "0" * 64)
+    tf._gpt2_encoding.cache_clear()
     try:
         with pytest.raises(TokenizerError, match="checksum"):
-            tok.gpt2_tokenizer()
+            tf.gpt2_tokenizer()
     finally:
-        tok._gpt2_encoding.cache_clear()
+        tf._gpt2_encoding.cache_clear()
 
 
 # ------------------------------------------------------------------------------ chars and words
@@ -234,10 +237,10 @@ def test_word_tokenizer():
 def test_save_load_round_trip(tmp_path, small_bpe, kind):
     text = verdict_text()
     original = {"char": lambda: tok.train_char(text), "word": lambda: tok.train_word(text, 500),
-                "bpe": lambda: small_bpe, "gpt2": tok.gpt2_tokenizer}[kind]()
-    path = original.save(tmp_path / "tokenizer.json")
+                "bpe": lambda: small_bpe, "gpt2": tf.gpt2_tokenizer}[kind]()
+    path = tf.save_tokenizer(original, tmp_path / "tokenizer.json")
     json.loads(path.read_text(encoding="utf-8"))  # plain JSON
-    loaded = tok.load_tokenizer(path)
+    loaded = tf.load_tokenizer(path)
     sample = text[:2000] + " 🙂<|endoftext|>"
     assert loaded.kind == kind
     assert loaded.vocab_size == original.vocab_size
@@ -264,12 +267,12 @@ def test_load_rejects_bad_files(tmp_path, content):
     path = tmp_path / "tokenizer.json"
     path.write_bytes(content)
     with pytest.raises(TokenizerError):
-        tok.load_tokenizer(path)
+        tf.load_tokenizer(path)
 
 
 def test_load_missing_file(tmp_path):
     with pytest.raises(TokenizerError, match="No tokeniser file"):
-        tok.load_tokenizer(tmp_path / "nope.json")
+        tf.load_tokenizer(tmp_path / "nope.json")
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -309,7 +312,7 @@ def test_vocab_below_256_message_is_clear():
 @pytest.mark.parametrize("kind", ["char", "word", "bpe", "gpt2"])
 def test_bad_ids_and_non_text(small_bpe, kind):
     tokenizer = {"char": lambda: tok.train_char("abc"), "word": lambda: tok.train_word("a b", 10),
-                 "bpe": lambda: small_bpe, "gpt2": tok.gpt2_tokenizer}[kind]()
+                 "bpe": lambda: small_bpe, "gpt2": tf.gpt2_tokenizer}[kind]()
     for bad in ([-1], [tokenizer.vocab_size], ["x"], [None]):
         with pytest.raises(TokenizerError):
             tokenizer.decode(bad)
@@ -320,7 +323,7 @@ def test_bad_ids_and_non_text(small_bpe, kind):
 
 
 def test_lone_surrogate_is_a_tokenizer_error(small_bpe):
-    for tokenizer in (small_bpe, tok.gpt2_tokenizer()):
+    for tokenizer in (small_bpe, tf.gpt2_tokenizer()):
         with pytest.raises(TokenizerError, match="surrogate"):
             tokenizer.encode("a\ud800b")
     with pytest.raises(TokenizerError):
@@ -336,8 +339,8 @@ def test_float_vocab_that_is_whole_is_accepted():
 
 def test_token_spans_html_escapes_everything():
     evil = "<script>alert(1)</script><img src=x onerror=alert(2)> & \"'"
-    for tokenizer in (tok.train_char(evil), tok.gpt2_tokenizer()):
-        out = tok.token_spans_html(tok.token_spans(tokenizer, evil), show_ids=True)
+    for tokenizer in (tok.train_char(evil), tf.gpt2_tokenizer()):
+        out = token_spans_html(tok.token_spans(tokenizer, evil), show_ids=True)
         assert "<script" not in out and "<img" not in out
         assert "&lt;" in out and "&amp;" in out
         assert out.count("<span") == len(tokenizer.encode(evil))
@@ -351,12 +354,12 @@ def test_first_difference():
 
 
 def test_token_spans_and_stats():
-    gpt2 = tok.gpt2_tokenizer()
+    gpt2 = tf.gpt2_tokenizer()
     spans = tok.token_spans(gpt2, "Hello, world")
     assert spans == [{"id": 15496, "text": "Hello"}, {"id": 11, "text": ","}, {"id": 995, "text": " world"}]
     assert tok.chars_per_token("Hello, world", [1, 2, 3]) == 4.0
     assert tok.chars_per_token("", []) == 0.0
-    stats = tok.corpus_stats("ab\ncd\n")
+    stats = tokenize.corpus_stats("ab\ncd\n")
     assert stats["lines"] == 2 and stats["characters"] == 6 and stats["distinct characters"] == 5
     assert tok.visible(" a\n\t") == "·a↵⇥" and tok.visible("") == "∅"
 
@@ -366,31 +369,31 @@ def test_token_spans_and_stats():
 
 def test_tokenizer_from_spec_kinds_and_runs(isolated_workspace):
     text = verdict_text()
-    assert tok.tokenizer_from_spec("char", text).kind == "char"
-    assert tok.tokenizer_from_spec("word", text).kind == "word"
-    assert tok.tokenizer_from_spec("gpt2").kind == "gpt2"
-    assert tok.tokenizer_from_spec("bpe:300", text).vocab_size == 300
+    assert tf.tokenizer_from_spec("char", text).kind == "char"
+    assert tf.tokenizer_from_spec("word", text).kind == "word"
+    assert tf.tokenizer_from_spec("gpt2").kind == "gpt2"
+    assert tf.tokenizer_from_spec("bpe:300", text).vocab_size == 300
     saved = tok.train_bpe(text, 300)
-    path = tok.save_tokenizer_run("my-bpe", saved, {"data": "the-verdict"})
+    path = tokenize.save_tokenizer_run("my-bpe", saved, {"data": "the-verdict"})
     assert path.name == "tokenizer.json" and path.parent == isolated_workspace["checkpoints"] / "my-bpe"
-    loaded = tok.tokenizer_from_spec("my-bpe", "other text")
+    loaded = tf.tokenizer_from_spec("my-bpe", "other text")
     assert loaded.merges == saved.merges
     config = json.loads((path.parent / "config.json").read_text())
     assert config["stage"] == "tokenizer" and config["tokenizer"] == "bpe" and config["vocab_size"] == 300
     with pytest.raises(RunExistsError):  # an existing run is never overwritten
-        tok.save_tokenizer_run("my-bpe", tok.train_char(text), {})
-    assert tok.load_tokenizer(path).kind == "bpe"
+        tokenize.save_tokenizer_run("my-bpe", tok.train_char(text), {})
+    assert tf.load_tokenizer(path).kind == "bpe"
 
 
 @pytest.mark.parametrize("spec", ["no-such-run", "../etc", "", "bpe:lots", None])
 def test_tokenizer_from_spec_bad(spec):
     with pytest.raises(TokenizerError):
-        tok.tokenizer_from_spec(spec, "some text")
+        tf.tokenizer_from_spec(spec, "some text")
 
 
 def test_spec_needing_text_without_text():
     with pytest.raises(TokenizerError):
-        tok.tokenizer_from_spec("char", None)
+        tf.tokenizer_from_spec("char", None)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -399,12 +402,10 @@ def test_spec_needing_text_without_text():
 def cli_args(**overrides):
     args = {"data": "the-verdict", "tokenizer": "bpe", "vocab_size": 400, "run_id": "tok-cli"}
     args.update(overrides)
-    return argparse.Namespace(**args)
+    return tokenize.Settings(**args)
 
 
 def test_tokenize_command_saves_a_run(isolated_workspace):
-    from core.stages import tokenize
-
     result = tokenize.run(cli_args())
     assert result["run_id"] == "tok-cli" and result["vocab_size"] == 400
     assert result["tokens"] > 0 and result["chars_per_token"] > 1.5 and result["seconds"] >= 0
@@ -412,7 +413,7 @@ def test_tokenize_command_saves_a_run(isolated_workspace):
     config = json.loads((folder / "config.json").read_text())
     assert config["stage"] == "tokenizer" and config["data"] == "the-verdict"
     assert config["tokenizer"] == "bpe" and config["vocab_size"] == 400
-    loaded = tok.load_tokenizer(folder / "tokenizer.json")
+    loaded = tf.load_tokenizer(folder / "tokenizer.json")
     assert len(loaded.encode(verdict_text())) == result["tokens"]
 
     before = (folder / "tokenizer.json").read_bytes()
@@ -422,8 +423,6 @@ def test_tokenize_command_saves_a_run(isolated_workspace):
 
 
 def test_tokenize_command_bad_input(isolated_workspace):
-    from core.stages import tokenize
-
     with pytest.raises(TokenizerError):
         tokenize.run(cli_args(vocab_size=100, run_id="small"))
     with pytest.raises(GlassBoxError):
@@ -449,3 +448,124 @@ def test_tokenize_command_line_prints_json(isolated_workspace):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "at least 257" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------------ the textbook's naive BPE
+
+
+@pytest.mark.parametrize("text", [
+    None,  # the-verdict's first 6,000 characters
+    "aaabdaaabac aaabdaaabac",
+    "東京は雨です。東京は晴れ。🙂🙂 naïve naïve café<|endoftext|>café café",
+])
+def test_naive_and_fast_bpe_learn_the_same_merges(text):
+    text = verdict_text()[:6000] if text is None else text
+    naive, fast = tok.train_bpe_naive(text, 420), tok.train_bpe(text, 420)
+    assert naive.merges == fast.merges and naive.merges  # the same merges, in the same order
+    sample = text[:500]
+    assert naive.encode(sample) == fast.encode(sample)
+
+
+def test_the_naive_bpe_is_short_enough_to_read():
+    import inspect
+
+    assert len(inspect.getsource(tok.train_bpe_naive).splitlines()) <= 24
+
+
+# ------------------------------------------------------------------------------ ByteLevelBPE (tiktoken)
+
+
+CHATML = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+
+
+def chatml_like(bpe: tok.BPETokenizer) -> tf.ByteLevelBPE:
+    """Our merges shifted by 3 ids, under three special tokens at 0-2 (SmolLM2's layout)."""
+    ranks = {data: i + 3 for i, data in enumerate(bpe.token_bytes)}
+    return tf.ByteLevelBPE("chatml-like", bpe.pattern, ranks, CHATML, eot_token="<|im_end|>")
+
+
+def test_bytelevel_bpe_with_its_own_special_tokens(small_bpe):
+    t = chatml_like(small_bpe)
+    assert t.vocab_size == len(small_bpe.token_bytes) + 3 and t.eot_id == 2
+    assert t.special_ids() == {0, 1, 2}
+    prompt = "<|im_start|>user\nHello, world<|im_end|>"
+    ids = t.encode(prompt)
+    assert ids[0] == 1 and ids[-1] == 2 and t.decode(ids) == prompt
+    assert [i - 3 for i in ids[1:-1]] == small_bpe.encode("user\nHello, world")  # the same merges
+    assert 1 not in t.encode_ordinary(prompt)  # typed marker text stays text
+    assert t.token_text(1) == "<|im_start|>"
+    with pytest.raises(TokenizerError):
+        t.decode([t.vocab_size])
+
+
+def test_bytelevel_bpe_saves_and_loads_as_json(tmp_path, small_bpe):
+    t = chatml_like(small_bpe)
+    path = tf.save_tokenizer(t, tmp_path / "tokenizer.json")
+    assert "ranks" in json.loads(path.read_text(encoding="utf-8"))
+    loaded = tf.load_tokenizer(path)
+    sample = verdict_text()[:3000] + "<|im_start|>🙂<|im_end|>"
+    assert loaded.kind == "bytelevel" and loaded.encode(sample) == t.encode(sample)
+    assert loaded.eot_id == 2 and loaded.to_dict() == t.to_dict()
+
+
+def test_bytelevel_bpe_from_ours_encodes_like_ours(small_bpe):
+    fast = tf.ByteLevelBPE.from_bpe(small_bpe)
+    for text in TRICKY + [verdict_text()]:
+        assert fast.encode(text) == small_bpe.encode(text)
+    assert fast.vocab_size == small_bpe.vocab_size and fast.eot_id == small_bpe.eot_id
+
+
+@pytest.mark.parametrize("broken", [
+    lambda d: d.update(ranks="nope"),
+    lambda d: d.update(ranks=[["!!notbase64", 5]]),
+    lambda d: d["ranks"].pop(0),  # a byte without a token
+    lambda d: d.update(eot_token="<|nope|>"),
+    lambda d: d.update(special_tokens={"<|endoftext|>": 5, "<|im_start|>": 1, "<|im_end|>": 2}),  # id taken
+    lambda d: d.update(pattern="("),
+    lambda d: d.pop("pattern"),
+])
+def test_broken_bytelevel_files_are_refused(tmp_path, small_bpe, broken):
+    d = chatml_like(small_bpe).to_dict()
+    broken(d)
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    with pytest.raises(TokenizerError):
+        tf.load_tokenizer(tmp_path / "t.json")
+
+
+# ------------------------------------------------------------------------------ the stage contract
+
+
+def test_tokenize_settings_round_trip_the_command_line():
+    from core.lab import cli
+
+    s = tokenize.Settings(data="the-verdict", tokenizer="word", vocab_size=500, run_id="w")
+    assert cli.to_argv(s) == ["--data", "the-verdict", "--tokenizer", "word", "--vocab-size", "500", "--run-id", "w"]
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser, tokenize.Settings)
+    assert cli.settings_from_args(tokenize.Settings, parser.parse_args(cli.to_argv(s))) == s
+    with pytest.raises(TokenizerError):
+        tokenize.Settings(data="")
+    with pytest.raises(TokenizerError):
+        tokenize.Settings(data="x", tokenizer="sentencepiece")
+
+
+def test_a_tokeniser_run_is_finished_with_no_pid(isolated_workspace, small_bpe):
+    result = tokenize.run(tokenize.Settings(data="the-verdict", run_id="given"), trained=small_bpe)
+    status = json.loads((isolated_workspace["checkpoints"] / "given" / "status.json").read_text())
+    assert status["state"] == "finished" and "pid" not in status
+    assert result["vocab_size"] == 600
+    assert tf.load_tokenizer(isolated_workspace["checkpoints"] / "given" / "tokenizer.json").merges == small_bpe.merges
+
+
+# ------------------------------------------------------------------------------ the one token HTML helper
+
+
+def test_special_tokens_are_highlighted_and_hover_text_is_escaped(small_bpe):
+    from pages._ui.tokens import SPECIAL_STYLE, readable_token, spans_of
+
+    t = chatml_like(small_bpe)
+    spans = spans_of(t, t.encode("<|im_start|>a b<|im_end|>"))
+    assert [s["special"] for s in spans] == [True, False, False, True]
+    out = token_spans_html(spans, title=lambda s: '"><script>')
+    assert out.count(SPECIAL_STYLE) == 2 and "<script" not in out and "&quot;&gt;&lt;script&gt;" in out
+    assert readable_token(t, t.encode(" b")[0]) == "·b"

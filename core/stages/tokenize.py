@@ -1,7 +1,5 @@
-"""`python -m core tokenize`: stage 1 on its own.
-
-Trains a tokeniser on a corpus, saves it as a run (`checkpoints/<run-id>/tokenizer.json`) that the
-later stages can name with `--tokenizer <run-id>`, and prints how well it compresses the corpus:
+"""Stage 1, text and tokens: train a tokeniser on a corpus and save it as a run that later stages
+name with `--tokenizer <run-id>`; report how well it compresses the corpus.
 
     python -m core tokenize --data tinyshakespeare --tokenizer bpe --vocab-size 1000 --run-id bpe-1k
 """
@@ -10,74 +8,141 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
+from core.gpt import dataset
+from core.gpt import tokenizers as tok
+from core.gpt.errors import GlassBoxError, TokenizerError
 from core.lab import data, runs
-from core.gpt import tokenizers
+from core.lab.cli import option
 from core.lab.errors import RunExistsError
+from core.lab.tokenizer_files import TOKENIZER_FILE, gpt2_tokenizer, load_tokenizer, save_tokenizer
+
+COMMAND = "tokenize"
+KINDS = ("char", "word", "bpe", "gpt2")
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--data", required=True, help="data source name (see `data list`), upload:NAME or file:PATH")
-    parser.add_argument("--tokenizer", choices=["char", "word", "bpe", "gpt2"], default="bpe",
-                        help="which tokeniser to train (gpt2 is fixed, not trained)")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help=f"vocabulary size for bpe (at least 257, default {tokenizers.DEFAULT_BPE_VOCAB}) "
-                             f"or word (most frequent pieces kept, default {tokenizers.DEFAULT_WORD_VOCAB})")
-    parser.add_argument("--run-id", default=None, help="name of the run to create (default: tokenizer-<time>)")
+@dataclass
+class Settings:
+    data: str = option(help="data source name (see `data list`), upload:NAME or file:PATH")
+    tokenizer: str = option("bpe", choices=KINDS, help="which tokeniser to train (gpt2 is fixed, not trained)")
+    vocab_size: int | None = option(None, help=f"vocabulary size for bpe (at least 257, default {tok.DEFAULT_BPE_VOCAB}) "
+                                               f"or word (most frequent pieces kept, default {tok.DEFAULT_WORD_VOCAB})")
+    run_id: str | None = option(None, help="name of the run to create (default: tokenizer-<time>)")
+
+    def __post_init__(self):
+        if not isinstance(self.data, str) or not self.data:
+            raise TokenizerError("Name a corpus to learn from with --data (see `python -m core data list`).")
+        if self.tokenizer not in KINDS:
+            raise TokenizerError(f"Unknown tokeniser {self.tokenizer!r}: choose one of {', '.join(KINDS)}.")
 
 
-def _progress_printer():
-    """Print merge progress once per 10% (it may land in a job log, where '\\r' tricks fail)."""
-    last_decile = -1
-
-    def progress(done: int, total: int) -> None:
-        nonlocal last_decile
-        decile = done * 10 // max(total, 1)
-        if decile != last_decile:
-            last_decile = decile
-            print(f"merges {done:,}/{total:,}", file=sys.stderr, flush=True)
-
-    return progress
-
-
-def train(kind: str, text: str, vocab_size: int, progress=None) -> tokenizers.Tokenizer:
+def train(kind: str, text: str, vocab_size: int | None, progress=None) -> tok.Tokenizer:
     """The tokeniser of ``kind`` trained on ``text`` (``vocab_size`` is ignored by char and gpt2)."""
     if kind == "char":
-        return tokenizers.train_char(text)
+        return tok.train_char(text)
     if kind == "word":
-        return tokenizers.train_word(text, vocab_size or tokenizers.DEFAULT_WORD_VOCAB)
+        return tok.train_word(text, vocab_size or tok.DEFAULT_WORD_VOCAB)
     if kind == "bpe":
-        return tokenizers.train_bpe(text, vocab_size or tokenizers.DEFAULT_BPE_VOCAB, progress=progress)
-    return tokenizers.gpt2_tokenizer()
+        return tok.train_bpe(text, vocab_size or tok.DEFAULT_BPE_VOCAB, progress=progress)
+    return gpt2_tokenizer()
 
 
-def run(args) -> dict:
-    run_id = runs.validate_run_id(args.run_id) if args.run_id else runs.new_run_id("tokenizer")
-    # refuse a taken name before spending time on training; nothing saved is touched
+def _merge_reporter(progress):
+    """Pass merge progress on once per 10% (it may land in a job log, where '\\r' tricks fail)."""
+    last = [-1]
+
+    def report(done: int, total: int) -> None:
+        decile = done * 10 // max(total, 1)
+        if progress is not None and decile != last[0]:
+            last[0] = decile
+            progress({"merges": done, "total": total})
+
+    return report
+
+
+def run(settings: Settings, progress=None, trained: tok.Tokenizer | None = None) -> dict:
+    """Train (or take the page's ``trained`` tokeniser), then write the run through the run store:
+    config.json, tokenizer.json, status finished. A taken run id is refused before any training."""
+    run_id = runs.validate_run_id(settings.run_id) if settings.run_id else runs.new_run_id("tokenizer")
     if (runs.run_dir(run_id) / "config.json").exists():
         raise RunExistsError(f"A run named {run_id!r} already exists: choose another name.")
-    text = data.read_text(args.data)
-    print(f"read {args.data}: {len(text):,} characters", file=sys.stderr)
-
+    text = data.read_text(settings.data)
+    if progress is not None:
+        progress({"read": settings.data, "characters": len(text)})
     start = time.perf_counter()
-    tokenizer = train(args.tokenizer, text, args.vocab_size, progress=_progress_printer())
+    tokenizer = trained or train(settings.tokenizer, text, settings.vocab_size, _merge_reporter(progress))
     train_seconds = time.perf_counter() - start
     ids = tokenizer.encode(text)
     seconds = time.perf_counter() - start
-    print(f"{args.tokenizer}: {tokenizer.vocab_size:,} tokens in the vocabulary, "
-          f"{len(ids):,} tokens in the corpus", file=sys.stderr)
+    if progress is not None:
+        progress({"kind": settings.tokenizer, "vocab_size": tokenizer.vocab_size, "tokens": len(ids)})
+    config = {"tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "data": settings.data,
+              "requested_vocab_size": settings.vocab_size, "corpus_characters": len(text),
+              "corpus_tokens": len(ids)}
+    with runs.quick_run(run_id, "tokenizer", config) as created:
+        save_tokenizer(tokenizer, created.path / TOKENIZER_FILE)
+    return {"run_id": run_id, "vocab_size": tokenizer.vocab_size, "tokens": len(ids),
+            "chars_per_token": round(tok.chars_per_token(text, ids), 4),
+            "train_seconds": round(train_seconds, 3), "seconds": round(seconds, 3)}
 
-    tokenizers.save_tokenizer_run(run_id, tokenizer, {
-        "data": args.data,
-        "requested_vocab_size": args.vocab_size,
-        "corpus_characters": len(text),
-        "corpus_tokens": len(ids),
-    })
-    return {
-        "run_id": run_id,
-        "vocab_size": tokenizer.vocab_size,
-        "tokens": len(ids),
-        "chars_per_token": round(tokenizers.chars_per_token(text, ids), 4),
-        "train_seconds": round(train_seconds, 3),
-        "seconds": round(seconds, 3),
-    }
+
+def print_progress(record: dict) -> None:
+    if "merges" in record:
+        line = f"merges {record['merges']:,}/{record['total']:,}"
+    elif "read" in record:
+        line = f"read {record['read']}: {record['characters']:,} characters"
+    else:
+        line = (f"{record['kind']}: {record['vocab_size']:,} tokens in the vocabulary, "
+                f"{record['tokens']:,} tokens in the corpus")
+    print(line, file=sys.stderr, flush=True)
+
+
+def save_tokenizer_run(run_id: str, tokenizer: tok.Tokenizer, config: dict) -> Path:
+    """A stage-1 run holding ``tokenizer`` as it is (no corpus needed); refuses a taken id untouched."""
+    with runs.quick_run(run_id, "tokenizer", {"tokenizer": tokenizer.kind,
+                                              "vocab_size": tokenizer.vocab_size, **config}) as created:
+        return save_tokenizer(tokenizer, created.path / TOKENIZER_FILE)
+
+
+def results(run_id: str) -> dict:
+    """A saved tokeniser run: its config and the tokeniser itself."""
+    run = runs.open_run(run_id)
+    return {"config": run.config, "tokenizer": load_tokenizer(run.path / TOKENIZER_FILE)}
+
+
+# ---------------------------------------------------------------------------- what page 1 reads
+
+
+def text_sources() -> list[str]:
+    return [s["name"] for s in data.list_sources() if s.get("kind") == "text" and s.get("available")]
+
+
+def merges_table(tokenizer: tok.BPETokenizer, limit: int = 20) -> list[dict]:
+    """The first merges learnt, readable: rank, left + right -> new token."""
+    show = lambda i: tok.visible(tokenizer.token_text(i))  # noqa: E731
+    return [{"rank": n + 1, "left": show(a), "right": show(b), "new token": show(256 + n), "id": 256 + n}
+            for n, (a, b) in enumerate(tokenizer.merges[:limit])]
+
+
+def corpus_stats(text: str) -> dict:
+    return {"characters": len(text), "bytes": len(text.encode("utf-8")),
+            "lines": text.count("\n") + (1 if text and not text.endswith("\n") else 0),
+            "words": len(text.split()), "distinct characters": len(set(text))}
+
+
+# the corpus registry and the textbook, as page 1 uses them (pages import only core.stages)
+read_text, save_upload, next_token_pairs = data.read_text, data.save_upload, dataset.next_token_pairs
+BPETokenizer, Tokenizer, MIN_BPE_VOCAB = tok.BPETokenizer, tok.Tokenizer, tok.MIN_BPE_VOCAB
+round_trip, chars_per_token, compression_curve = tok.round_trip, tok.chars_per_token, tok.compression_curve
+__all__ = ["GlassBoxError"]  # re-exported for the page
+
+CODE = {
+    "merges": [tok.train_bpe_naive, tok.merge_pair],
+    "fast": [tok.train_bpe],
+    "encode": [tok.BPETokenizer._encode_piece, tok.BPETokenizer.encode],
+    "compression": [tok.compression_curve, tok.chars_per_token],
+    "round_trip": [tok.round_trip, tok.first_difference],
+    "pairs": [dataset.next_token_pairs],
+}
