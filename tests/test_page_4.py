@@ -96,7 +96,7 @@ def test_a_bad_run_name_is_refused_on_the_page():
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "base"])
 def test_every_preset_offers_its_recipe_as_defaults(preset):
-    from core.gpt.pretrain import recipe
+    from core.stages.pretrain import recipe
 
     at = page()
     at.selectbox(key="pt_preset").select(preset).run()
