@@ -77,6 +77,7 @@ with st.expander("Training settings", expanded=False):
                                    key=f"pt_sample_{preset}")
     st.caption("Defaults: the preset's tuned recipe. AdamW (weight decay on matrices only), a linear "
                "warm-up then a cosine down to a tenth-ish of the peak, gradient clipping at 1.0.")
+code_behind(*stage.CODE["learning rate"], title="The code behind this: the learning-rate schedule")
 
 r1, r2 = st.columns([3, 1])
 run_name = run_name_input(r1, "pretrain", key="pt_run_name")
