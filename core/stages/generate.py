@@ -180,6 +180,16 @@ def explore(subject: Subject, settings: Settings) -> dict:
     }
 
 
+def kv_timing(subject: Subject, ids: list[int], n_tokens: int = 8) -> dict:
+    """Seconds per new token with and without the KV cache, continuing `ids` greedily."""
+    ids = ids[-subject.context_length:]
+    n_tokens = max(1, min(n_tokens, subject.context_length - len(ids)))  # the cache needs room
+    with models.generation_threads(subject.model):
+        cached = microscope.seconds_per_token(subject.model, ids, n_tokens, use_cache=True)
+        plain = microscope.seconds_per_token(subject.model, ids, n_tokens, use_cache=False)
+    return {"tokens": n_tokens, "with_cache_s": cached, "without_cache_s": plain, "speedup": plain / cached}
+
+
 def default_template_for(subject: Subject, template: str) -> str:
     return subject.template if template == "auto" else template
 

@@ -67,15 +67,16 @@ def attention_of(subject: Subject, ids: list[int], layer: int | None, head: int 
 
 def run(settings: Settings, progress=None) -> dict:
     result = read(open_subject(settings.run), settings)
-    if progress is not None:
-        progress(result)
+    for row in zip(result["layers"], result["top_tokens"], result["top_probs"]):
+        if progress is not None:
+            progress(dict(zip(("layer", "tokens", "probs"), row)))
     return result
 
 
-def print_progress(result: dict) -> None:
-    for layer, tokens, probs in zip(result["layers"], result["top_tokens"], result["top_probs"]):
-        cells = " ".join(f"{t[:8]!r:>10}{p:4.0%}" for t, p in zip(tokens[:12], probs[:12]))
-        print(f"{layer:<11} {cells}", file=sys.stderr)
+def print_progress(row: dict) -> None:
+    """One line per layer: its top guess (and probability) at the first dozen positions."""
+    cells = " ".join(f"{t[:8]!r:>10}{p:4.0%}" for t, p in zip(row["tokens"][:12], row["probs"][:12]))
+    print(f"{row['layer']:<11} {cells}", file=sys.stderr)
 
 
 CODE = {"lens": (microscope.residual_stream, microscope.logit_lens)}

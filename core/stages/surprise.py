@@ -67,14 +67,14 @@ def score(subject: Subject, settings: Settings) -> dict:
 def run(settings: Settings, progress=None) -> dict:
     result = score(open_subject(settings.run), settings)
     if progress is not None:
-        progress(result)
+        for token, loss in zip(result["tokens"][1:], result["losses"]):
+            progress({"token": token, "loss": loss})
     return result
 
 
-def print_progress(result: dict) -> None:
-    for token, loss in zip(result["tokens"][1:], result["losses"]):
-        print(f"{token!r:<20} {loss:7.3f} nats", file=sys.stderr)
-    print(f"mean {result['mean_loss']:.4f} nats (forward: {result['forward_loss']:.4f})", file=sys.stderr)
+def print_progress(record: dict) -> None:
+    """One line per predicted token: how many nats it cost."""
+    print(f"{record['token']!r:<20} {record['loss']:7.3f} nats", file=sys.stderr)
 
 
 CODE = {"surprise": (microscope.per_token_loss, microscope.surprise)}
