@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("tokenize", "train a tokeniser on a corpus and save it as a run (stage 1)"),
     "attention": ("attention", "attention step by step on a short text (stage 2)"),
     "inspect": ("inspect", "forward trace and parameter budget of a preset or run (stage 3)"),
+    "import": ("import_gpt2", "import a GPT-2/Llama folder, a GGUF file or smollm2-135m-instruct (stage 3)"),
     "import-gpt2": ("import_gpt2", "import GPT-2 weights from a Hugging Face folder (stage 3)"),
     "export": ("export", "export a run to the Hugging Face GPT-2 layout (stage 3)"),
     "pretrain": ("pretrain", "pre-train a language model (stage 4)"),
@@ -92,6 +93,7 @@ def run_command(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    runs.started_from_command_line()
     try:
         result = run_command(argv)
         runs.finish_runs_started_here(stopped=bool(result.get("stopped")))

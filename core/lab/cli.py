@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         meta = f.metadata
         target = parser
         if meta.get("group"):
-            target = groups.setdefault(meta["group"], parser.add_mutually_exclusive_group())
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
         default = _default(f)
         kwargs: dict[str, Any] = dict(help=meta.get("help"), default=default)
         if kind is bool:

@@ -36,6 +36,7 @@ from core.lab.paths import checkpoints_dir
 
 JOB_RUN_ID_ENV = "GLASSBOX_JOB_RUN_ID"  # set inside a background job: the run it may take over
 STARTED_IN_THIS_PROCESS: list[str] = []  # runs this process created outside a job
+_command_line = False  # True in `python -m core`: see started_from_command_line()
 STAGES = ("tokenizer", "import", "pretrain", "classify", "instruct", "judge")
 TERMINAL_STATES = ("stopped", "finished", "failed")
 
@@ -259,13 +260,39 @@ def create_run(run_id: str, stage: str, config: dict, parent: str | None = None,
     # else: the folder was reserved by start_job for the background job we are running in.
     full = {"stage": stage, "parent": parent, "created": _now(), **config}
     write_json_atomic(path / "config.json", full)
-    if os.environ.get(JOB_RUN_ID_ENV) != run_id:
+    if os.environ.get(JOB_RUN_ID_ENV) != run_id and _command_line:
         # Started from a shell, not as a job: record our pid so the app can tell it is alive;
-        # `python -m core` marks it finished / stopped / failed when the command ends.
+        # `python -m core` marks it finished / stopped / failed when the command ends. (In the
+        # app's own process a run is written at once through `quick_run`, never left "running".)
         write_status(run_id, "running", pid=os.getpid(), pid_start=process_start(os.getpid()),
                      message="Running from the command line.")
         STARTED_IN_THIS_PROCESS.append(run_id)
     return open_run(run_id)
+
+
+def started_from_command_line() -> None:
+    """`python -m core` calls this first: the runs it creates outside a job record its pid, and
+    `finish_runs_started_here` records how the command ended."""
+    global _command_line
+    _command_line = True
+
+
+@contextmanager
+def quick_run(run_id: str, stage: str, config: dict, parent: str | None = None):
+    """Create a run that is written at once, in this process (a tokeniser, an import).
+
+    On success its status says finished; on any error the half-written folder is removed, so a
+    failure partway never leaves a "running" job in every sidebar. Yields the new `Run`.
+    """
+    run = create_run(run_id, stage, config, parent=parent)
+    try:
+        yield run
+    except BaseException:
+        shutil.rmtree(run.path, ignore_errors=True)
+        if run_id in STARTED_IN_THIS_PROCESS:
+            STARTED_IN_THIS_PROCESS.remove(run_id)
+        raise
+    write_status(run_id, "finished", message="Finished.")
 
 
 def process_start(pid: int) -> str | None:
