@@ -16,11 +16,22 @@ from pathlib import Path
 import pytest
 
 from core.gpt import judge as J
+from core.lab import judge_client as C
+from core.lab import judge_data as D
+from core.stages import judge as S
 from core.lab import runs
 from core.lab.errors import DataError, JudgeError
 from tests.fake_openai_server import GOOD_SINGLE, FakeOpenAIServer, free_port
 
 SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def judge_on_loopback(monkeypatch):
+    """The fake judge listens on 127.0.0.1: allowed here through the server setting (issue 22)."""
+    monkeypatch.setenv("GLASSBOX_JUDGE_ALLOW_HOSTS", "loopback")
+    for name in ("GLASSBOX_JUDGE_ENDPOINTS", "GLASSBOX_JUDGE_KEY_URL", "GLASSBOX_JUDGE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
 BAD = json.dumps({"criteria": {"correctness": 5}, "score": 150, "rationale": "too generous"})
 
 
@@ -32,19 +43,19 @@ def server():
 
 @pytest.fixture
 def rubric():
-    return J.load_rubric()
+    return D.load_rubric()
 
 
 def settings_for(url, **overrides):
     values = dict(base_url=url, model="judge-model", api_key=SECRET, timeout=5, backoff_s=0.01,
                   max_attempts=3, parse_attempts=3, max_concurrency=1)
     values.update(overrides)
-    return J.EndpointSettings(**values)
+    return C.EndpointSettings(**values)
 
 
 def make_judge(url, tmp_path, rubric, **overrides):
     waits = []
-    judge = J.Judge(settings_for(url, **overrides), rubric, cache=J.JudgeCache(tmp_path / "cache"),
+    judge = C.Judge(settings_for(url, **overrides), rubric, cache=C.JudgeCache(tmp_path / "cache"),
                     sleep=waits.append)
     return judge, waits
 
@@ -67,26 +78,26 @@ def test_settings_hide_the_key_and_check_their_values():
     with pytest.raises(JudgeError, match="API key field") as info:
         settings_for("http://user:hunter2@localhost:1234/v1")   # credentials never ride in the URL
     assert "hunter2" not in str(info.value)
-    assert J.redact_url("https://u:p@host:8/v1") == "https://host:8/v1"
+    assert C.redact_url("https://u:p@host:8/v1") == "https://host:8/v1"
     for bad in [dict(base_url="localhost:11434"), dict(model=" "), dict(timeout=0),
                 dict(timeout=float("nan")), dict(max_concurrency=0), dict(temperature=-1)]:
         with pytest.raises(JudgeError):
             settings_for("http://localhost:1/v1", **bad) if "base_url" not in bad else \
-                J.EndpointSettings(bad["base_url"], "m")
-    assert J.PRESETS["Ollama"].base_url == "http://localhost:11434/v1"
-    assert {"OpenAI", "Ollama", "vLLM", "llama.cpp server", "LM Studio"} <= set(J.PRESETS)
+                C.EndpointSettings(bad["base_url"], "m")
+    assert C.PRESETS["Ollama"].base_url == "http://localhost:11434/v1"
+    assert {"OpenAI", "Ollama", "vLLM", "llama.cpp server", "LM Studio"} <= set(C.PRESETS)
 
 
 def test_rubric_is_frozen_by_its_hash(rubric):
-    path = J.RUBRICS_DIR / "instruction-v1.json"
+    path = D.RUBRICS_DIR / "instruction-v1.json"
     assert rubric.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert rubric.version == "instruction-v1" and "instruction-v1" in J.rubric_versions()
+    assert rubric.version == "instruction-v1" and "instruction-v1" in D.rubric_versions()
     assert [c["name"] for c in rubric.criteria] == ["correctness", "instruction_following",
                                                    "completeness", "concision"]
     assert (rubric.overall["min"], rubric.overall["max"]) == (0, 100)
     for bad in ["../instruction-v1", "nope", ""]:
         with pytest.raises(JudgeError):
-            J.load_rubric(bad)
+            D.load_rubric(bad)
 
 
 # ------------------------------------------------------------------ reading replies
@@ -129,11 +140,11 @@ def test_pairwise_replies():
 
 
 def test_retry_after_header_forms():
-    assert J.retry_after_seconds({"retry-after": "2"}) == 2.0
-    assert J.retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert C.retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert C.retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 < J.retry_after_seconds({"retry-after": date}) <= 31
-    assert J.retry_after_seconds({}) is None and J.retry_after_seconds({"retry-after": "soon"}) is None
+    assert 25 < C.retry_after_seconds({"retry-after": date}) <= 31
+    assert C.retry_after_seconds({}) is None and C.retry_after_seconds({"retry-after": "soon"}) is None
 
 
 # ------------------------------------------------------------------ statistics and ROUGE-L
@@ -221,7 +232,7 @@ def test_429_waits_as_long_as_retry_after_says(tmp_path, rubric):
 def test_429_asking_for_an_hour_stops_the_evaluation(tmp_path, rubric):
     script = [{"status": 429, "message": "slow down", "headers": {"retry-after": "3600"}}]
     with FakeOpenAIServer(script=script) as s:
-        with pytest.raises(J.EndpointUnusable, match="3600"):
+        with pytest.raises(C.EndpointUnusable, match="3600"):
             grade(make_judge(s.url, tmp_path, rubric)[0])
 
 
@@ -251,19 +262,19 @@ def test_a_reply_slower_than_the_timeout_is_retried_then_failed(tmp_path, rubric
 def test_connection_refused_is_clear_and_immediate(tmp_path, rubric):
     url = f"http://127.0.0.1:{free_port()}/v1"
     judge, waits = make_judge(url, tmp_path, rubric)
-    with pytest.raises(J.EndpointUnusable, match="connection refused") as info:
+    with pytest.raises(C.EndpointUnusable, match="connection refused") as info:
         grade(judge)
     assert waits == [] and url in str(info.value)
 
 
 def test_wrong_key_and_unknown_model_stop_at_once_without_leaking_the_key(tmp_path, rubric):
     with FakeOpenAIServer(api_key="sk-the-right-one") as s:  # its 401 echoes the key it was sent
-        with pytest.raises(J.EndpointUnusable, match="refused the API key") as info:
+        with pytest.raises(C.EndpointUnusable, match="refused the API key") as info:
             grade(make_judge(s.url, tmp_path, rubric)[0])
         assert SECRET not in str(info.value) and SECRET[-8:] not in str(info.value)
         assert len(s.chat_requests) == 1
     with FakeOpenAIServer() as s:
-        with pytest.raises(J.EndpointUnusable, match="does not know the model 'gpt-99'"):
+        with pytest.raises(C.EndpointUnusable, match="does not know the model 'gpt-99'"):
             grade(make_judge(s.url, tmp_path, rubric, model="gpt-99")[0])
         assert len(s.chat_requests) == 1
 
@@ -309,17 +320,17 @@ def test_cache_answers_the_second_time_without_a_request(server, tmp_path, rubri
 
 def test_connection_test_reports_what_it_saw(tmp_path):
     with FakeOpenAIServer(models=["judge-model", "other"]) as s:
-        report = J.test_connection(settings_for(s.url))
+        report = C.test_connection(settings_for(s.url))
         assert report["ok"] and report["model_listed"] and report["models"] == ["judge-model", "other"]
-        missing = J.test_connection(settings_for(s.url, model="nope"))
+        missing = C.test_connection(settings_for(s.url, model="nope"))
         assert not missing["ok"] and "does not know the model 'nope'" in missing["message"]
     with FakeOpenAIServer(list_models=False, script=["OK"]) as s:
-        report = J.test_connection(settings_for(s.url))
+        report = C.test_connection(settings_for(s.url))
         assert report["ok"] and report["reply"] == "OK" and "replied 'OK'" in report["message"]
     with FakeOpenAIServer(api_key="sk-right") as s:
-        report = J.test_connection(settings_for(s.url))
+        report = C.test_connection(settings_for(s.url))
         assert not report["ok"] and "API key" in report["message"] and SECRET not in json.dumps(report)
-    refused = J.test_connection(settings_for(f"http://127.0.0.1:{free_port()}/v1"))
+    refused = C.test_connection(settings_for(f"http://127.0.0.1:{free_port()}/v1"))
     assert not refused["ok"] and "connection refused" in refused["message"]
 
 
@@ -349,17 +360,17 @@ def fair_judge(body):
 def test_judging_a_stage6_run_single_and_pairwise(tmp_path):
     source = write_stage6_run()
     with FakeOpenAIServer(responder=fair_judge) as s:
-        result = J.judge_run("judge-1", settings_for(s.url, max_concurrency=3), source_run=source)
+        result = S.judge_run("judge-1", settings_for(s.url, max_concurrency=3), source_run=source)
         assert len(s.chat_requests) == 4 * 2 + 4 * 2   # both answers graded, both orders compared
     assert result["n"] == 4 and result["failed"] == 0 and result["cached"] == 0
     assert result["mean_scores"] == {"base": 20.0, "tuned": 90.0} and result["mean_score"] == 90.0
     assert result["pairwise_win_rate"] == 1.0 and result["ci95"] == [90.0, 90.0]
     run = runs.open_run("judge-1")
     assert run.stage == "judge" and run.parent == source and run.state == "finished"
-    records = J.read_judgements("judge-1")
+    records = S.read_judgements("judge-1")
     assert len(records) == 12 and [r["item"] for r in records] == sorted(r["item"] for r in records)
-    assert all(r["rubric_sha256"] == J.load_rubric().sha256 for r in records)
-    summary = J.read_summary("judge-1")
+    assert all(r["rubric_sha256"] == D.load_rubric().sha256 for r in records)
+    summary = S.read_summary("judge-1")
     assert summary["pairwise"]["wins"] == 4 and summary["models"]["tuned"]["rouge_l"] == pytest.approx(abs=1e-4, expected=
         J.rouge_l("GOOD 0", "0"))
     assert summary["complete"] and summary["models"]["base"]["criteria"]["correctness"] == 1
@@ -368,8 +379,8 @@ def test_judging_a_stage6_run_single_and_pairwise(tmp_path):
 def test_a_position_biased_judge_gets_ties_not_wins(tmp_path):
     source = write_stage6_run(n=3)
     with FakeOpenAIServer(responder=lambda body: '{"winner": "A", "rationale": "first is best"}') as s:
-        result = J.judge_run("judge-biased", settings_for(s.url), source_run=source, mode="pairwise")
-    pairwise = J.read_summary("judge-biased")["pairwise"]
+        result = S.judge_run("judge-biased", settings_for(s.url), source_run=source, mode="pairwise")
+    pairwise = S.read_summary("judge-biased")["pairwise"]
     assert result["pairwise_win_rate"] == 0.0 and pairwise["inconsistent"] == 3 and pairwise["ties"] == 3
 
 
@@ -382,49 +393,49 @@ def test_a_rerun_costs_no_requests_and_failures_are_counted(tmp_path):
 
     with FakeOpenAIServer(responder=sometimes_nonsense) as s:
         settings = settings_for(s.url, max_concurrency=2)
-        first = J.judge_run("j-a", settings, data="instruction-data-with-response", limit=6)
+        first = S.judge_run("j-a", settings, data="instruction-data-with-response", limit=6)
         sent = len(s.chat_requests)
-        again = J.judge_run("j-b", settings, data="instruction-data-with-response", limit=6)
+        again = S.judge_run("j-b", settings, data="instruction-data-with-response", limit=6)
     assert first["n"] == 6 and first["judgements"] == 6 and first["pairwise_win_rate"] is None
     assert again["cached"] == 6 - again["failed"] and again["mean_score"] == first["mean_score"]
     assert len(s.chat_requests) == sent + 3 * again["failed"]  # only failures are asked again
-    assert J.read_summary("j-b")["requests"] == 3 * again["failed"]
+    assert S.read_summary("j-b")["requests"] == 3 * again["failed"]
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
     source = write_stage6_run(n=5)
     port = free_port()
     with FakeOpenAIServer(responder=fair_judge, port=port) as s:
-        J.judge_run("warm", settings_for(s.url), source_run=source, mode="single", limit=2)  # 4 cached
+        S.judge_run("warm", settings_for(s.url), source_run=source, mode="single", limit=2)  # 4 cached
         url, before = s.url, len(s.chat_requests)
     # The server is gone (a pulled plug): the run stops at once and says why.
-    with pytest.raises(J.EndpointUnusable):
-        J.judge_run("resumable", settings_for(url), source_run=source, mode="single")
-    assert "connection refused" in J.read_summary("resumable")["error"]
+    with pytest.raises(C.EndpointUnusable):
+        S.judge_run("resumable", settings_for(url), source_run=source, mode="single")
+    assert "connection refused" in S.read_summary("resumable")["error"]
     with FakeOpenAIServer(responder=fair_judge, port=port) as s:
         with pytest.raises(JudgeError, match="other settings"):
-            J.judge_run("resumable", settings_for(url), source_run=source, mode="both", resume=True)
-        result = J.judge_run("resumable", settings_for(url), source_run=source, mode="single", resume=True)
+            S.judge_run("resumable", settings_for(url), source_run=source, mode="both", resume=True)
+        result = S.judge_run("resumable", settings_for(url), source_run=source, mode="single", resume=True)
         assert len(s.chat_requests) == 10 - 4   # only the judgements nobody had made yet
     assert before == 4 and result["judgements"] == 10 and result["cached"] == 4 and result["failed"] == 0
-    assert len(J.read_judgements("resumable")) == 10
+    assert len(S.read_judgements("resumable")) == 10
 
 
 def test_bad_sources_are_clear(tmp_path):
     with pytest.raises(DataError, match="holds no model answers"):
-        J.load_items(data="sms-spam")
+        D.load_items(data="sms-spam")
     with pytest.raises(JudgeError, match="not both"):
-        J.load_items(run="x", data="eval-example-data")
+        D.load_items(run="x", data="eval-example-data")
     runs.create_run("no-answers", "instruct", {})
     with pytest.raises(DataError, match="no responses.json"):
-        J.load_items(run="no-answers")
+        D.load_items(run="no-answers")
     runs.write_json_atomic(runs.run_dir("no-answers") / "responses.json", [{"instruction": "x"}])
     with pytest.raises(DataError, match="lacks output, base_response"):
-        J.load_items(run="no-answers")
-    items, labels = J.load_items(data="eval-example-data")
+        D.load_items(run="no-answers")
+    items, labels = D.load_items(data="eval-example-data")
     assert len(items) == 100 and labels == ["model 1", "model 2"]
     with pytest.raises(JudgeError, match="two answers"):
-        J.plan_tasks(J.load_items(data="instruction-data-with-response")[0], ["model_response"], "pairwise")
+        C.plan_tasks(D.load_items(data="instruction-data-with-response")[0], ["model_response"], "pairwise")
 
 
 # ------------------------------------------------------------------ the command line and the job
@@ -499,9 +510,9 @@ def test_cli_in_a_child_process_prints_json_last(tmp_path):
 
 
 def test_a_stop_request_ends_the_evaluation_early_and_keeps_what_is_done(tmp_path, rubric):
-    items, labels = J.load_items(data="eval-example-data")
+    items, labels = D.load_items(data="eval-example-data")
     with FakeOpenAIServer() as s:
         judge, _ = make_judge(s.url, tmp_path, rubric)
-        records, stopped = J.evaluate(judge, items[:10], labels, "single", should_stop=lambda: True)
+        records, stopped = C.evaluate(judge, items[:10], labels, "single", should_stop=lambda: True)
     assert stopped and 1 <= len(records) < 20 and len(s.chat_requests) == len(records)
     assert all(r["status"] == "ok" for r in records)

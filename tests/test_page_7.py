@@ -3,15 +3,26 @@
 import json
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.gpt import judge as J
+from core.lab import judge_client as C
+from core.lab import judge_data as D
+from core.stages import judge as S
 from core.lab import runs
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.page_helpers import all_text, run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "7_Judge.py")
 SECRET = "sk-page-test-SECRET-abcdef123456"
+
+
+@pytest.fixture(autouse=True)
+def judge_on_loopback(monkeypatch):
+    """The fake judge listens on 127.0.0.1: allowed here through the server setting (issue 22)."""
+    monkeypatch.setenv("GLASSBOX_JUDGE_ALLOW_HOSTS", "loopback")
+    for name in ("GLASSBOX_JUDGE_ENDPOINTS", "GLASSBOX_JUDGE_KEY_URL", "GLASSBOX_JUDGE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def page() -> AppTest:
@@ -24,7 +35,7 @@ def test_page_renders_with_nothing_configured():
     assert "Stage 7" in at.title[0].value
     assert at.text_input(key="judge_base_url").value == "http://localhost:11434/v1"  # Ollama preset
     assert at.text_input(key="judge_api_key").value == ""
-    assert J.load_rubric().sha256[:16] in text                      # the rubric shown with its hash
+    assert D.load_rubric().sha256[:16] in text                      # the rubric shown with its hash
     assert "finish stage 6 first" not in text                        # no run: data sets offered
     assert "No judge run yet" in text and not at.error
     at.selectbox(key="judge_preset").set_value("LM Studio").run()
@@ -52,8 +63,8 @@ def test_finished_judge_run_shows_table_charts_and_downloads():
         {"instruction": f"Say <b>{i}</b>", "input": "", "output": str(i),
          "base_response": "no idea", "tuned_response": f"GOOD {i}"} for i in range(3)])
     with FakeOpenAIServer() as s:
-        settings = J.EndpointSettings(s.url, "judge-model", api_key=SECRET, max_concurrency=1)
-        J.judge_run("judge-done", settings, source_run="tuned")
+        settings = C.EndpointSettings(s.url, "judge-model", api_key=SECRET, max_concurrency=1)
+        S.judge_run("judge-done", settings, source_run="tuned")
     at = page()
     text = all_text(at)
     assert at.selectbox(key="judge_show").value == "judge-done"
