@@ -26,7 +26,7 @@ from streamlit.testing.v1 import AppTest
 from core.lab import data, jobs, runs
 from core.gpt import attention as att
 from core.lab import gpt2 as G
-from core.gpt import judge as J
+from core.lab import judge_client as J
 from core.gpt import model as M
 from core.gpt import tokenizers as tok
 from core.gpt import train as T
