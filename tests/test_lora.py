@@ -16,6 +16,16 @@ from core.lab import runs
 from core.lab.models import load_model_weights, model_tensors
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models: one thread (on a shared 2-core machine a second thread made each step ~20x slower)."""
+    monkeypatch.setenv("GLASSBOX_THREADS", "1")  # what the training loop configures
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     model = GPT(preset_config("tiny", vocab_size=97, **overrides))
