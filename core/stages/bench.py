@@ -16,6 +16,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
+
+import torch
+
+from core.gpt.errors import GlassBoxError
+from core.lab import bench
+from core.lab.cli import option
+from core.lab.device import configure_threads, describe, pick_device
+
+COMMAND = "bench"
 
 # piece name → the JSON keys it fills (also accepted by --only)
 PIECES = {
@@ -45,20 +55,20 @@ UNITS = {"matmul_gflops": "GFLOP/s", "tokens_per_s_tiny": "tok/s", "tokens_per_s
          "time_to_val_loss_s": "s"}
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes and few steps: checks every piece runs (figures are not meaningful)")
-    parser.add_argument("--full", action="store_true",
-                        help="also time the small preset to validation loss 1.88 on Tiny Shakespeare (minutes)")
-    parser.add_argument("--only", help=f"comma-separated pieces: {', '.join(PIECES)} (or their JSON keys)")
-    parser.add_argument("--device", help="cpu or cuda (default: the best available)")
-    parser.add_argument("--threads", type=int,
-                        help="torch threads (default: one per physical core, or GLASSBOX_THREADS)")
+@dataclass
+class Settings:
+    quick: bool = option(False, help="small sizes and few steps: checks every piece runs (figures are not meaningful)")
+    full: bool = option(False, help="also time the small preset to validation loss 1.88 on Tiny Shakespeare (minutes)")
+    only: str | None = option(None, help=f"comma-separated pieces: {', '.join(PIECES)} (or their JSON keys)")
+    device: str | None = option(None, help="cpu or cuda (default: the best available)")
+    threads: int | None = option(None, help="torch threads (default: one per physical core, or GLASSBOX_THREADS)")
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise GlassBoxError("--threads must be at least 1.")
 
 
 def _selected(args) -> list[str]:
-    from core.gpt.errors import GlassBoxError
-
     if not args.only:
         return DEFAULT_PIECES + (["time_to_val_loss"] if args.full else [])
     by_key = {key: piece for piece, keys in PIECES.items() for key in keys}
@@ -105,16 +115,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> dict:
-    import torch
-
-    from core.lab import bench
-    from core.lab.device import configure_threads, describe, pick_device
-    from core.gpt.errors import GlassBoxError
-
+def run(args: Settings, progress=None) -> dict:
+    """Measure the chosen pieces; `args` is the Settings (named as the command line's options)."""
     if args.threads is not None:
-        if args.threads < 1:
-            raise GlassBoxError("--threads must be at least 1.")
         os.environ["GLASSBOX_THREADS"] = str(args.threads)  # every piece, and the job it starts
     device = pick_device(args.device)
     threads = configure_threads()

@@ -6,21 +6,35 @@ counter as a checkpoint every few steps and on stop. The tests use it to check t
 """
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from core.lab import runs
+from core.gpt.errors import GlassBoxError
+from core.lab import jobs, runs
+from core.lab.cli import option
+
+COMMAND = "countdown"
 
 
-def add_arguments(parser):
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--delay", type=float, default=0.1)
-    parser.add_argument("--checkpoint-every", type=int, default=5)
-    parser.add_argument("--run-id", required=True)
-    parser.add_argument("--resume", action="store_true")
+@dataclass
+class Settings:
+    steps: int = option(50, help="steps to count")
+    delay: float = option(0.1, help="seconds per step")
+    checkpoint_every: int = option(5, help="steps between checkpoints")
+    run_id: str | None = option(None, help="the run to write (required)")
+    resume: bool = option(False, help="continue from the checkpoint")
+
+    def __post_init__(self):
+        if not self.run_id:
+            raise GlassBoxError("countdown needs --run-id.")
 
 
-def run(args) -> dict:
+def start(settings: Settings, run_id: str):
+    return jobs.start_stage(COMMAND, settings, run_id)
+
+
+def run(args: Settings, progress=None) -> dict:
     run = runs.create_run(args.run_id, "pretrain", {"command": "countdown"}, resume=args.resume)
     checkpoint = run.path / "model.safetensors"
     step = int(runs.load_tensors(checkpoint)["step"].item()) if args.resume and checkpoint.exists() else 0
