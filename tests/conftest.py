@@ -24,6 +24,10 @@ def isolated_workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("GLASSBOX_DOWNLOADS_DIR", str(downloads))
     monkeypatch.setenv("GLASSBOX_DATA_DIR", str(SHARED_DATA))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    # Every test's stand-in judge listens on 127.0.0.1; the refusal tests delete this again.
+    monkeypatch.setenv("GLASSBOX_JUDGE_ALLOW_HOSTS", "loopback")
+    for name in ("GLASSBOX_JUDGE_ENDPOINTS", "GLASSBOX_JUDGE_KEY_URL", "GLASSBOX_JUDGE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
     _clear_streamlit_caches()
     yield {"checkpoints": checkpoints, "downloads": downloads, "shared": SHARED_DATA}
     _stop_leftover_jobs(checkpoints)

@@ -19,3 +19,7 @@ class ModelConfigError(GlassBoxError):
 
 class TrainingError(GlassBoxError):
     """Training cannot start or cannot go on (bad settings, loss turned NaN, ...)."""
+
+
+class DataError(GlassBoxError):
+    """A data source is missing, malformed, too big, or not text."""

@@ -90,7 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             if meta.get("metavar"):
                 kwargs["metavar"] = meta["metavar"]
         if meta.get("positional"):
-            kwargs.pop("default")
+            if default is None:
+                kwargs["nargs"] = "?"  # an optional positional (`data list` vs `data fetch NAME`)
+            else:
+                kwargs.pop("default")
             target.add_argument(f.name, **kwargs)
         else:
             target.add_argument(flag_of(f), dest=f.name, **kwargs)
@@ -112,7 +115,8 @@ def to_argv(settings) -> list[str]:
     for f, kind in _fields(type(settings)):
         value = getattr(settings, f.name)
         if f.metadata.get("positional"):
-            argv.append(str(value))
+            if value is not None:
+                argv.append(str(value))
             continue
         if value is None or value == _default(f):
             continue

@@ -3,11 +3,10 @@
 They are `GlassBoxError`s (`core.gpt.errors`), so the page and the CLI show their message as is.
 """
 
-from core.gpt.errors import GlassBoxError
+from core.gpt.errors import DataError, GlassBoxError  # DataError: the textbook parses data too
 
-
-class DataError(GlassBoxError):
-    """A data source is missing, malformed, too big, or not text."""
+__all__ = ["DataError", "GlassBoxError", "RunError", "RunExistsError", "RunNotFoundError",
+           "CorruptRunError", "JobError", "JudgeError"]
 
 
 class RunError(GlassBoxError):

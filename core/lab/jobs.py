@@ -39,6 +39,7 @@ from core.lab.paths import REPO_ROOT, checkpoints_dir
 
 ACTIVE_STATES = ("reserved", "queued", "running", "stopping")
 LOG_TAIL_LINES = 40
+SECRET_ENV = ("OPENAI_API_KEY", "GLASSBOX_JUDGE_API_KEY")  # never inherited by a job
 _children: dict[str, subprocess.Popen] = {}  # reaped on each look, so no zombies linger
 
 
@@ -76,7 +77,9 @@ class JobState:
 
 def _spawn(run_id: str, env: dict[str, str] | None) -> subprocess.Popen:
     path = runs.run_dir(run_id)
-    child_env = dict(os.environ)
+    # Secrets stay with the job that asked for them (`env`): a pre-training job never inherits
+    # the server's judge key (issue 22).
+    child_env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     child_env.update(env or {})
     child_env["PYTHONUNBUFFERED"] = "1"
     # The child must find `core` however the parent was started (streamlit, pytest, a script).

@@ -37,7 +37,7 @@ from core.lab.paths import checkpoints_dir
 JOB_RUN_ID_ENV = "GLASSBOX_JOB_RUN_ID"  # set inside a background job: the run it may take over
 STARTED_IN_THIS_PROCESS: list[str] = []  # runs this process created outside a job
 _command_line = False  # True in `python -m core`: see started_from_command_line()
-STAGES = ("tokenizer", "import", "pretrain", "classify", "instruct", "judge")
+STAGES = ("tokenizer", "import", "pretrain", "classify", "instruct", "judge", "prefer")
 TERMINAL_STATES = ("stopped", "finished", "failed")
 
 # Letters, digits, '.', '_' and '-'; starts with a letter or digit (so '.cache' or '_jobs' are
@@ -251,6 +251,8 @@ def create_run(run_id: str, stage: str, config: dict, parent: str | None = None,
     path = run_dir(run_id)
     if (path / "config.json").exists():
         if resume:
+            if os.environ.get(JOB_RUN_ID_ENV) != run_id and _command_line:
+                _record_command_line_run(run_id)  # resumed from a shell: running again, our pid
             return open_run(run_id)
         raise RunExistsError(f"A run named {run_id!r} already exists: choose another name.")
     if resume and not path.exists():
@@ -261,13 +263,20 @@ def create_run(run_id: str, stage: str, config: dict, parent: str | None = None,
     full = {"stage": stage, "parent": parent, "created": _now(), **config}
     write_json_atomic(path / "config.json", full)
     if os.environ.get(JOB_RUN_ID_ENV) != run_id and _command_line:
-        # Started from a shell, not as a job: record our pid so the app can tell it is alive;
-        # `python -m core` marks it finished / stopped / failed when the command ends. (In the
-        # app's own process a run is written at once through `quick_run`, never left "running".)
-        write_status(run_id, "running", pid=os.getpid(), pid_start=process_start(os.getpid()),
-                     message="Running from the command line.")
-        STARTED_IN_THIS_PROCESS.append(run_id)
+        # Started from a shell, not as a job. (In the app's own process a run is written at once
+        # through `quick_run`, never left "running".)
+        _record_command_line_run(run_id)
     return open_run(run_id)
+
+
+def _record_command_line_run(run_id: str) -> None:
+    """Record our pid so the app can tell the run is alive; `python -m core` marks it finished /
+    stopped / failed when the command ends (`finish_runs_started_here`)."""
+    clear_stop(run_id)
+    write_status(run_id, "running", pid=os.getpid(), pid_start=process_start(os.getpid()),
+                 message="Running from the command line.")
+    if run_id not in STARTED_IN_THIS_PROCESS:
+        STARTED_IN_THIS_PROCESS.append(run_id)
 
 
 def started_from_command_line() -> None:
