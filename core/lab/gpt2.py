@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 from core.gpt.errors import GlassBoxError, ModelConfigError
-from core.lab.errors import CorruptRunError
 from core.gpt.model import GPT, GPTConfig
-from core.lab.models import load_model_weights, model_tensors
+from core.lab import runs
+from core.lab.errors import CorruptRunError
+from core.lab.models import load_model_run, load_model_weights, model_tensors, save_model_run
+from core.lab.paths import downloads_dir
+from core.lab.tokenizer_files import gpt2_tokenizer, load_tokenizer, save_tokenizer
 
 HUB_URL = "https://huggingface.co"
 HUB_FILES = ("config.json", "model.safetensors")
@@ -60,6 +63,13 @@ class GPT2FormatError(CorruptRunError):
 
 
 # ---------------------------------------------------------------------------- config
+
+
+def is_gpt2_config(config: GPTConfig) -> bool:
+    """True when `config` is GPT-2's block (learned positions, LayerNorm, GELU, every head its own K/V)."""
+    return (getattr(config, "position", "learned") == "learned" and getattr(config, "norm", "layernorm") == "layernorm"
+            and getattr(config, "mlp", "gelu") == "gelu"
+            and getattr(config, "n_kv_head", None) in (None, config.n_head))
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -183,12 +193,12 @@ def tensors_to_hf(model: GPT) -> dict:
     state = model_tensors(model)
     out = {}
     for our_name, hf_name in _TOP_NAMES.items():
-        out[f"transformer.{hf_name}"] = state[our_name]
+        out[f"transformer.{hf_name}"] = state[our_name] if our_name in state else torch.zeros(config.n_embd)
     for i in range(config.n_layer):
         for our_name, (hf_name, transpose) in _BLOCK_NAMES.items():
             key = f"blocks.{i}.{our_name}"
-            if key not in state:  # qkv bias of a model trained without one: GPT-2 adds zeros
-                tensor = torch.zeros(3 * config.n_embd)
+            if key not in state:  # a bias the model was built without: GPT-2 has one, of zeros
+                tensor = torch.zeros(state[key[: -len("bias")] + "weight"].shape[0])
             else:
                 tensor = state[key].t() if transpose else state[key]
             out[f"transformer.h.{i}.{hf_name}"] = tensor.detach().contiguous()
@@ -200,58 +210,85 @@ def tensors_to_hf(model: GPT) -> dict:
 # ---------------------------------------------------------------------------- folders
 
 
-def load_hf_gpt2(folder) -> GPT:
-    """Our GPT with the weights of a Hugging Face GPT-2 folder (`config.json` + `model.safetensors`)."""
-    from core.lab.runs import load_tensors
-
+def read_hf_folder(folder, error=None) -> tuple[dict, Path]:
+    """(config.json as a dict, the path of model.safetensors) of a Hugging Face folder; a missing
+    file or bad JSON raises `error` (GPT2FormatError by default). Check the config before reading
+    the weights: a wrong config is said without loading hundreds of megabytes."""
+    error = error or GPT2FormatError
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise GPT2FormatError(f"{folder} is not a folder.")
+        raise error(f"{folder} is not a folder.")
     for name in HUB_FILES:
         if not (folder / name).is_file():
             hint = " (only safetensors is read: a pytorch_model.bin is never unpickled)" if name.endswith(
                 "safetensors") else ""
-            raise GPT2FormatError(f"{folder} has no {name}{hint}.")
+            raise error(f"{folder} has no {name}{hint}.")
     try:
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GPT2FormatError(f"{folder / 'config.json'} is not valid JSON ({e}).") from None
+        raise error(f"{folder / 'config.json'} is not valid JSON ({e}).") from None
+    if not isinstance(hf_config, dict):
+        raise error(f"config.json should hold a JSON object, not a {type(hf_config).__name__}.")
+    return hf_config, folder / "model.safetensors"
+
+
+def folder_model_type(folder) -> str:
+    """The `model_type` a Hugging Face folder's config.json names ("gpt2" when it names none)."""
+    path = Path(folder).expanduser() / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return "gpt2"  # let the GPT-2 reader say precisely what is wrong
+    return str(hf.get("model_type", "gpt2")) if isinstance(hf, dict) else "gpt2"
+
+
+def load_hf_gpt2(folder) -> GPT:
+    """Our GPT with the weights of a Hugging Face GPT-2 folder (`config.json` + `model.safetensors`)."""
+    hf_config, path = read_hf_folder(folder)
     config = config_from_hf(hf_config)
-    hf_tensors = load_tensors(folder / "model.safetensors")
+    hf_tensors = runs.load_tensors(path)
     # A file with lm_head.weight but tied embeddings in config: keep it tied only if it equals wte.
     if config.tie_weights and "lm_head.weight" in hf_tensors:
         wte = _strip_prefix(hf_tensors).get("wte.weight")
         if wte is not None and not torch.equal(wte, hf_tensors["lm_head.weight"]):
             config.tie_weights = False
-    tensors = {k: v.float() for k, v in tensors_from_hf(hf_tensors, config).items()}
+    return build_model(config, tensors_from_hf(hf_tensors, config), path, GPT2FormatError)
+
+
+def build_model(config: GPTConfig, tensors: dict, source, error=None) -> GPT:
+    """A GPT of `config` holding `tensors` (as fp32); a misfit tensor raises `error`, naming it."""
     model = GPT(config)
     try:
-        load_model_weights(model, tensors, source=str(folder / "model.safetensors"))
+        load_model_weights(model, {k: v.float() for k, v in tensors.items()}, source=str(source))
     except CorruptRunError as e:
-        raise GPT2FormatError(str(e)) from None
+        raise (error or GPT2FormatError)(str(e)) from None
     return model.eval()
 
 
-def save_hf_gpt2(model: GPT, folder, tokenizer=None) -> Path:
-    """Write `model` as a Hugging Face GPT-2 folder; the tokenizer goes alongside as our JSON."""
-    from core.lab.runs import save_tensors, write_json_atomic
-
+def write_hf_folder(folder, tensors: dict, hf_config: dict, tokenizer=None) -> Path:
+    """Write a Hugging Face folder: model.safetensors, config.json, and our tokenizer alongside."""
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise GlassBoxError(f"{folder} exists and is not a folder.")
     folder.mkdir(parents=True, exist_ok=True)
-    eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
-    save_tensors(folder / "model.safetensors", tensors_to_hf(model), metadata={"format": "pt"})
-    write_json_atomic(folder / "config.json", config_to_hf(model.config, eot))
+    runs.save_tensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})
+    runs.write_json_atomic(folder / "config.json", hf_config)
     if tokenizer is not None:
-        tokenizer.save(folder / GLASSBOX_TOKENIZER_FILE)
+        save_tokenizer(tokenizer, folder / GLASSBOX_TOKENIZER_FILE)
     return folder
+
+
+def save_hf_gpt2(model: GPT, folder, tokenizer=None) -> Path:
+    """Write `model` as a Hugging Face GPT-2 folder; the tokenizer goes alongside as our JSON."""
+    if not is_gpt2_config(model.config):
+        raise ModelConfigError("Only a model with learned positions, LayerNorm and a GELU feed-forward "
+                               "has a GPT-2 layout.")
+    eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
+    return write_hf_folder(folder, tensors_to_hf(model), config_to_hf(model.config, eot), tokenizer)
 
 
 def tokenizer_for_folder(folder, vocab_size: int):
     """Our tokenizer file if the folder came from Glass Box, else GPT-2's own (50,257 tokens)."""
-    from core.gpt.tokenizers import gpt2_tokenizer, load_tokenizer
-
     own = Path(folder) / GLASSBOX_TOKENIZER_FILE
     if own.is_file():
         return load_tokenizer(own)
@@ -263,30 +300,43 @@ def tokenizer_for_folder(folder, vocab_size: int):
     return gpt2_tokenizer()
 
 
-def import_gpt2(folder, run_id: str, progress=None) -> dict:
-    """Load a GPT-2 folder into a new run (stage "import") that every later page can open."""
-    from core.lab import runs
-    from core.lab.models import save_model_run
+def tokenizer_name(tokenizer) -> str:
+    """How a run's config names its tokenizer: 'gpt2', 'bpe', 'char', or a byte-level BPE's own name."""
+    kind = getattr(tokenizer, "kind", "?")
+    return getattr(tokenizer, "name", kind) if kind == "bytelevel" else kind
 
+
+def save_imported_run(run_id: str, model: GPT, tokenizer, config: dict, progress=None) -> dict:
+    """Create run `run_id` (stage "import") holding `model` and `tokenizer`; a failure half-way
+    removes the half-made run (an existing run of that name is refused before anything is written)."""
+    say = progress or (lambda msg: None)
+    with runs.quick_run(run_id, "import", {"tokenizer": tokenizer_name(tokenizer), **config}):
+        say(f"saving {model.num_parameters():,} parameters into run {run_id}")
+        save_model_run(run_id, model, tokenizer)
+    return {"run_id": run_id, "architecture": config.get("architecture", "gpt2"),
+            "parameters": model.num_parameters(), "layers": model.config.n_layer,
+            "vocab_size": model.config.vocab_size, "context_length": model.config.context_length}
+
+
+def import_folder(folder, run_id: str, load=None, architecture: str = "gpt2", progress=None) -> dict:
+    """Load a Hugging Face folder with `load` (GPT-2's by default) into a new run (stage "import")."""
     folder = Path(folder).expanduser()
     runs.validate_run_id(run_id)
-    say = progress or (lambda msg: None)
-    say(f"reading {folder}")
-    model = load_hf_gpt2(folder)
+    if progress:
+        progress(f"reading {folder}")
+    model = (load or load_hf_gpt2)(folder)
     tokenizer = tokenizer_for_folder(folder, model.config.vocab_size)
-    tokenizer_name = "gpt2" if getattr(tokenizer, "kind", None) == "gpt2" else tokenizer.kind
-    runs.create_run(run_id, "import", {"source": str(folder.resolve()), "tokenizer": tokenizer_name})
-    say(f"saving {model.num_parameters():,} parameters into run {run_id}")
-    save_model_run(run_id, model, tokenizer)
-    runs.write_status(run_id, "finished")
-    return {"run_id": run_id, "parameters": model.num_parameters(), "layers": model.config.n_layer,
-            "vocab_size": model.config.vocab_size, "context_length": model.config.context_length}
+    return save_imported_run(run_id, model, tokenizer, {"source": str(folder.resolve()),
+                                                        "architecture": architecture}, progress)
+
+
+def import_gpt2(folder, run_id: str, progress=None) -> dict:
+    """Load a GPT-2 folder into a new run (stage "import") that every later page can open."""
+    return import_folder(folder, run_id, load_hf_gpt2, "gpt2", progress)
 
 
 def export_run(run_id: str, out_dir) -> Path:
     """Write run `run_id` as a Hugging Face GPT-2 folder."""
-    from core.lab.models import load_model_run
-
     model, tokenizer, _ = load_model_run(run_id)
     return save_hf_gpt2(model, out_dir, tokenizer)
 
@@ -301,8 +351,6 @@ def download_gpt2(name: str = "openai-community/gpt2", dest=None, progress=None,
     Explicit and optional: nothing else in Glass Box goes online. `progress(done_bytes, total_bytes,
     filename)` is called as the file streams in; files land atomically in `dest`.
     """
-    from core.lab.paths import downloads_dir
-
     if not name or any(c in name for c in " \\?#") or ".." in name:
         raise GlassBoxError(f"{name!r} is not a Hugging Face model name like 'openai-community/gpt2'.")
     dest = Path(dest) if dest else downloads_dir() / "gpt2" / name.replace("/", "--")

@@ -1,0 +1,147 @@
+"""Quantized models for generation, and the side-by-side measurement of fp32, int8 and 4-bit.
+
+- `int8_model(model)`: every Linear layer (the output head too) becomes PyTorch's dynamically
+  quantized int8 Linear (`torch.ao.quantization.quantize_dynamic`, fbgemm kernels on x86): weights
+  stored as int8 with one scale per row, activations quantized on the fly per matrix multiply.
+- `q4_1_model(model)`: every Linear weight replaced by what Q4_1 storage would give back
+  (`core.gpt.quantize.q4_1_round_trip`): the 4-bit model's numbers, computed in fp32.
+- `compare_precisions(run_id, text)`: per-token loss and tokens/s of the three, for the same text.
+
+The textbook side (what a Q4_1 block holds, how int8 rounding works) is `core/gpt/quantize.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.gpt import quantize as Q
+from core.gpt.model import GPT
+from core.lab import gguf
+from core.lab.models import generation_threads, load_model_run
+
+PRECISIONS = ("fp32", "int8", "q4_1")
+
+
+def _engine() -> None:
+    engines = torch.backends.quantized.supported_engines
+    for name in ("fbgemm", "x86", "qnnpack"):
+        if name in engines:
+            torch.backends.quantized.engine = name
+            return
+
+
+def int8_model(model: GPT) -> GPT:
+    """A copy of `model` whose Linear layers compute with int8 weights (the original is untouched)."""
+    _engine()
+    with warnings.catch_warnings():  # PyTorch points to torchao for new code; these kernels are what we measure
+        warnings.simplefilter("ignore", DeprecationWarning)
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear},
+                                                           dtype=torch.qint8)
+    return quantized.eval()
+
+
+def q4_1_model(model: GPT) -> GPT:
+    """A copy of `model` whose Linear weights went through Q4_1 storage (rows of 32-weight blocks);
+    a matrix whose rows are not a multiple of 32 long is left in fp32."""
+    out = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for module in out.modules():
+            if isinstance(module, nn.Linear) and module.weight.shape[1] % Q.Q4_1_BLOCK == 0:
+                restored = Q.q4_1_round_trip(module.weight)
+                if module.weight is getattr(out, "wte", nn.Embedding(1, 1)).weight:
+                    module.weight = nn.Parameter(restored)  # untie: the token table stays as it was
+                else:
+                    module.weight.copy_(restored)
+    return out
+
+
+def weight_bytes(model: nn.Module, precision: str) -> int:
+    """Bytes the Linear weights take in `precision` (what a decoding step reads)."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return int(n * Q.BITS_PER_WEIGHT[precision] / 8)
+
+
+@torch.inference_mode()
+def per_token_losses(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """Cross-entropy (nats) of each next token of `ids` given the ones before it: (len(ids) - 1,)."""
+    x = torch.tensor([ids[:-1]])
+    logits, _ = model(x)
+    return F.cross_entropy(logits[0].float(), torch.tensor(ids[1:]), reduction="none")
+
+
+@torch.inference_mode()
+def decode_speed(model: GPT, prompt: list[int], new_tokens: int = 32) -> dict:
+    """Greedy generation with the KV cache: tokens/s of the new tokens (prefill timed apart)."""
+    idx = torch.tensor([prompt])
+    with generation_threads(model):
+        start = time.perf_counter()
+        model.generate(idx, 1, temperature=0)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(idx, new_tokens + 1, temperature=0)
+        total = time.perf_counter() - start
+    decoding = max(total - prefill, 1e-9)
+    return {"tokens_per_s": new_tokens / decoding, "prefill_s": prefill, "tokens": out[0, len(prompt):].tolist()}
+
+
+@torch.inference_mode()
+def forward_seconds(model: GPT, n_tokens: int = 256, repeats: int = 3) -> float:
+    """Best time of a forward pass over `n_tokens` tokens (batch 1)."""
+    x = torch.randint(model.config.vocab_size, (1, min(n_tokens, model.config.context_length)),
+                      generator=torch.Generator().manual_seed(0))
+    model(x)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def compare_models(model: GPT, ids: list[int], new_tokens: int = 32, precisions=PRECISIONS) -> list[dict]:
+    """The same text through `model` in each precision: per-token loss and decoding speed."""
+    build = {"fp32": lambda m: m.eval(), "int8": int8_model, "q4_1": q4_1_model}
+    rows, reference = [], None
+    for precision in precisions:
+        variant = build[precision](model)
+        losses = per_token_losses(variant, ids)
+        speed = decode_speed(variant, ids[: min(len(ids), 16)], new_tokens)
+        if reference is None:
+            reference = losses
+        rows.append({"precision": precision, "mean_loss": losses.mean().item(),
+                     "loss_change": (losses - reference).mean().item(), "per_token_loss": losses.tolist(),
+                     "tokens_per_s": speed["tokens_per_s"], "greedy_tokens": speed["tokens"],
+                     "weight_bytes": weight_bytes(model, precision), "bits_per_weight": Q.BITS_PER_WEIGHT[precision]})
+        del variant
+    return rows
+
+
+def compare_precisions(run_id: str, text: str, new_tokens: int = 32, precisions=PRECISIONS) -> list[dict]:
+    """fp32, int8 and Q4_1 of run `run_id` on `text` (see `compare_models`)."""
+    model, tokenizer, _ = load_model_run(run_id)
+    ids = tokenizer.encode(text)[: model.config.context_length]
+    if len(ids) < 2:
+        raise gguf.GGUFError("The text is too short: it needs at least two tokens to score the second.")
+    return compare_models(model, ids, new_tokens, precisions)
+
+
+def q4_1_lesson(path, tensor: str = "blk.0.attn_q.weight") -> dict:
+    """The first Q4_1 block of `tensor` in a GGUF file, taken apart by the textbook function, and
+    checked against the gguf package's own dequantization of the same bytes."""
+    from gguf.quants import dequantize  # optional dependency, only needed for GGUF files
+    from gguf import GGMLQuantizationType  # optional dependency, only needed for GGUF files
+
+    block = gguf.q4_1_blocks(path, tensor, 1)[0]
+    weights = Q.dequantize_q4_1_block(block)
+    reference = torch.from_numpy(dequantize(block.numpy().reshape(1, -1), GGMLQuantizationType.Q4_1).reshape(-1))
+    packed = block[4:20]
+    return {"tensor": tensor, "bytes": block.tolist(),
+            "scale": block[0:2].view(torch.float16).item(), "minimum": block[2:4].view(torch.float16).item(),
+            "integers": torch.cat([packed & 0x0F, packed >> 4]).tolist(), "weights": weights.tolist(),
+            "max_difference_from_gguf": (weights - reference).abs().max().item()}

