@@ -122,3 +122,31 @@ def test_next_token_pairs():
         next_token_pairs([1, 2, 3, 4], start=2, context_length=2)
     with pytest.raises(DataError):
         next_token_pairs([1, 2], start=0, context_length=4)
+
+
+def test_pretraining_validates_on_sliding_windows_of_the_held_out_text():
+    """Stage 4's validation loss is measured on stage 1's SlidingWindowDataset over the held-out ids."""
+    import torch.nn.functional as F
+
+    from core.gpt.model import GPT, GPTConfig
+    from core.gpt.pretrain import LanguageModelTask
+    from core.gpt.train import TrainConfig
+
+    ids = torch.arange(3000) % 50
+    task = LanguageModelTask(ids, context_length=12, val_fraction=0.2)
+    task.prepare(TrainConfig(max_steps=1, batch_size=4, eval_batches=2), torch.device("cpu"))
+    windows = task.validation_windows()
+    assert isinstance(windows, SlidingWindowDataset)
+    assert torch.equal(windows.ids, task.val_ids) and windows.context_length == 12
+    starts = task.validation_starts()
+    assert len(starts) == 8 and windows.stride > 12  # spread over the held-out text, not overlapping
+    for i, s in enumerate(starts.tolist()):
+        x, y = windows[i]
+        assert torch.equal(x, task.val_ids[s:s + 12]) and torch.equal(y, task.val_ids[s + 1:s + 13])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context_length=12, n_embd=16, n_head=2, n_layer=1)).eval()
+    loader = make_dataloader(task.val_ids, 12, batch_size=8, stride=windows.stride, shuffle=False)
+    x, y = next(iter(loader))  # the same 8 windows, through the DataLoader
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x)[0].reshape(-1, 50), y.reshape(-1)).item()
+        assert task.evaluate(model)["val_loss"] == pytest.approx(expected, rel=1e-5)
