@@ -134,3 +134,20 @@ def test_status_and_stop_request():
     assert runs.stop_requested("s")
     runs.clear_stop("s")
     assert not runs.stop_requested("s")
+
+
+def test_a_symlink_planted_in_a_run_folder_is_never_written_through(tmp_path):
+    """Issue 22: a run folder copied from elsewhere may hold links to files outside the store."""
+    run = runs.create_run("planted", "pretrain", {"model": {}})
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    for name in ("metrics.jsonl", "stop.request", "job.log"):
+        (run.path / name).symlink_to(outside)
+    with pytest.raises(CorruptRunError, match="symbolic link"):
+        runs.append_jsonl(run.path / "metrics.jsonl", {"step": 1})
+    with pytest.raises(CorruptRunError, match="symbolic link"):
+        runs.open_append(run.path / "job.log", binary=True)
+    runs.request_stop("planted")  # replaces the link itself
+    assert runs.stop_requested("planted")
+    assert not (run.path / "stop.request").is_symlink()
+    assert outside.read_text() == "precious\n"

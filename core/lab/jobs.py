@@ -86,7 +86,7 @@ def _spawn(run_id: str, env: dict[str, str] | None) -> subprocess.Popen:
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in [str(REPO_ROOT), child_env.get("PYTHONPATH", "")] if p
     )
-    log = open(path / "job.log", "ab")
+    log = runs.open_append(path / "job.log", binary=True)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "core", "job", "--run-id", run_id],

@@ -19,6 +19,7 @@ logs, whose readers skip a truncated last line.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import math
 import os
@@ -95,6 +96,18 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def open_append(path: Path, binary: bool = False):
+    """Open a run's file for appending without following a symlink planted in its place: a run
+    folder copied from elsewhere must never make the server write outside the run store."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptRunError(f"{path} is a symbolic link; Glass Box never writes through one.") from None
+        raise
+    return os.fdopen(fd, "ab") if binary else os.fdopen(fd, "a", encoding="utf-8")
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +140,7 @@ def read_json(path: Path) -> Any:
 
 def append_jsonl(path: Path, record: dict) -> None:
     line = json.dumps(_clean(record), default=_json_default, allow_nan=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    with open_append(path) as f:
         f.write(line)
         f.flush()
 
@@ -400,7 +413,7 @@ def _status_lock(run_id: str):
     """
     import fcntl
 
-    with open(run_dir(run_id) / "status.lock", "a") as handle:
+    with open_append(run_dir(run_id) / "status.lock") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
         yield
 
@@ -429,7 +442,7 @@ def write_status(run_id: str, state: str | None, only_from: tuple[str, ...] | No
 
 
 def request_stop(run_id: str) -> None:
-    (run_dir(run_id) / "stop.request").write_text(_now())
+    write_json_atomic(run_dir(run_id) / "stop.request", {"requested": _now()})  # replaces, never follows
 
 
 def clear_stop(run_id: str) -> None:
