@@ -170,7 +170,8 @@ def gguf_config(reader, architecture: str) -> GPTConfig:
     try:
         if a == "gpt2":
             return GPTConfig(**common, qkv_bias=True, gelu="tanh",  # llama.cpp's gpt2 uses the tanh GELU
-                             ffn_hidden=ffn, norm_eps=float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)))
+                             ffn_hidden=None if ffn == 4 * common["n_embd"] else ffn,
+                             norm_eps=float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)))
         n_kv = int(_field(reader, "llama.attention.head_count_kv", common["n_head"]))
         head = common["n_embd"] // common["n_head"] if common["n_head"] else 0
         rope_dims = int(_field(reader, "llama.rope.dimension_count", head))
@@ -184,7 +185,8 @@ def gguf_config(reader, architecture: str) -> GPTConfig:
         return GPTConfig(**common, position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=n_kv, ffn_hidden=ffn,
                          rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
                          norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                         bias="blk.0.attn_q.bias" in names)
+                         qkv_bias="blk.0.attn_q.bias" in names,
+                         bias="blk.0.attn_output.bias" in names or "blk.0.ffn_down.bias" in names)
     except ModelConfigError as e:
         raise GGUFError(f"The GGUF's hyper-parameters do not describe a model that can be built: {e}") from None
 
@@ -272,20 +274,22 @@ def gguf_tensors(reader, config: GPTConfig, architecture: str, progress=None) ->
 def _fuse_llama(parts: dict, config: GPTConfig) -> dict:
     """attn_q/k/v -> attn.qkv (rows [q; k; v], Q and K un-permuted); ffn_gate/up -> mlp.fc ([gate; up])."""
     out = {}
-    n_kv = config.n_kv_head or config.n_head
+    n_kv = config.kv_heads
+
+    def take(i, name):
+        if (i, name) not in parts:
+            raise GGUFError(f"The GGUF lacks the tensor blk.{i}.{name}.")
+        return parts.pop((i, name))
+
     for i in range(config.n_layer):
-        for kind in ("weight", "bias") if config.bias else ("weight",):
-            try:
-                q, k, v = (parts.pop((i, f"attn_{x}.{kind}")) for x in "qkv")
-                gate, up = parts.pop((i, f"ffn_gate.{kind}"), None), parts.pop((i, f"ffn_up.{kind}"), None)
-            except KeyError as e:
-                raise GGUFError(f"The GGUF lacks the tensor blk.{i}.{e.args[0][1]}.") from None
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
-                [unpermute_rope_rows(q, config.n_head), unpermute_rope_rows(k, n_kv), v])
-            if gate is not None and up is not None:
-                out[f"blocks.{i}.mlp.fc.{kind}"] = torch.cat([gate, up])
-            elif kind == "weight":
-                raise GGUFError(f"The GGUF lacks blk.{i}.ffn_gate.weight or blk.{i}.ffn_up.weight.")
+        for kind, fused in (("weight", True), ("bias", config.qkv_bias)):
+            if fused:
+                q, k, v = (take(i, f"attn_{x}.{kind}") for x in "qkv")
+                out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
+                    [unpermute_rope_rows(q, config.n_head), unpermute_rope_rows(k, n_kv), v])
+        for kind, fused in (("weight", True), ("bias", config.bias)):
+            if fused:
+                out[f"blocks.{i}.mlp.fc.{kind}"] = torch.cat([take(i, f"ffn_gate.{kind}"), take(i, f"ffn_up.{kind}")])
     if parts:
         (i, rest), _ = next(iter(parts.items()))
         raise GGUFError(f"The GGUF holds a tensor blk.{i}.{rest} that this config does not expect.")
@@ -468,8 +472,8 @@ def gguf_architecture_of(config: GPTConfig) -> str:
         return "llama"
     raise UnsupportedGGUFError(
         "This model mixes the GPT-2 and the Llama block (positions "
-        f"{getattr(config, 'position', 'learned')}, norm {getattr(config, 'norm', 'layernorm')}, feed-forward "
-        f"{getattr(config, 'mlp', 'gelu')}): llama.cpp computes GPT-2 (learned, layernorm, gelu) or Llama "
+        f"{config.position}, norm {config.norm}, feed-forward {config.mlp}"
+        f"{', grouped-query attention' if config.kv_heads != config.n_head else ''}): llama.cpp computes GPT-2 (learned, layernorm, gelu) or Llama "
         "(rope, rmsnorm, swiglu), not a mixture.")
 
 
@@ -530,16 +534,15 @@ def _gguf_tensors(model: GPT, architecture: str) -> dict:
         for theirs, ours in _llama_names(i).items():
             if ours in state:
                 out[f"blk.{i}.{theirs}"] = state[ours]
-        hs = cfg.n_embd // cfg.n_head
-        n_kv = cfg.n_kv_head or cfg.n_head
+        hs, n_kv = cfg.head_size, cfg.kv_heads
         for kind in ("weight", "bias"):
-            if f"blocks.{i}.attn.qkv.{kind}" not in state:
-                continue
-            q, k, v = state[f"blocks.{i}.attn.qkv.{kind}"].split([cfg.n_head * hs, n_kv * hs, n_kv * hs])
-            gate, up = state[f"blocks.{i}.mlp.fc.{kind}"].chunk(2)
-            out.update({f"blk.{i}.attn_q.{kind}": permute_rope_rows(q, cfg.n_head),
-                        f"blk.{i}.attn_k.{kind}": permute_rope_rows(k, n_kv), f"blk.{i}.attn_v.{kind}": v,
-                        f"blk.{i}.ffn_gate.{kind}": gate, f"blk.{i}.ffn_up.{kind}": up})
+            if f"blocks.{i}.attn.qkv.{kind}" in state:
+                q, k, v = state[f"blocks.{i}.attn.qkv.{kind}"].split([cfg.n_head * hs, n_kv * hs, n_kv * hs])
+                out.update({f"blk.{i}.attn_q.{kind}": permute_rope_rows(q, cfg.n_head),
+                            f"blk.{i}.attn_k.{kind}": permute_rope_rows(k, n_kv), f"blk.{i}.attn_v.{kind}": v})
+            if f"blocks.{i}.mlp.fc.{kind}" in state:
+                gate, up = state[f"blocks.{i}.mlp.fc.{kind}"].chunk(2)
+                out.update({f"blk.{i}.ffn_gate.{kind}": gate, f"blk.{i}.ffn_up.{kind}": up})
     return out
 
 
@@ -563,15 +566,14 @@ def write_gguf(model: GPT, tokenizer, path, name: str = "glassbox", chat_templat
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
     writer.add_vocab_size(cfg.vocab_size)
-    ffn = getattr(cfg, "ffn_hidden", None) or 4 * cfg.n_embd
-    writer.add_feed_forward_length(ffn)
+    writer.add_feed_forward_length(cfg.hidden_size)
     if architecture == "llama":
-        writer.add_head_count_kv(cfg.n_kv_head or cfg.n_head)
+        writer.add_head_count_kv(cfg.kv_heads)
         writer.add_rope_freq_base(float(cfg.rope_base))
-        writer.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
+        writer.add_rope_dimension_count(cfg.head_size)
         writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
     else:
-        writer.add_layer_norm_eps(float(getattr(cfg, "norm_eps", 1e-5)))
+        writer.add_layer_norm_eps(float(cfg.norm_eps))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tables["pre"])
     writer.add_token_list(tables["tokens"])

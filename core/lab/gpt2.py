@@ -67,9 +67,8 @@ class GPT2FormatError(CorruptRunError):
 
 def is_gpt2_config(config: GPTConfig) -> bool:
     """True when `config` is GPT-2's block (learned positions, LayerNorm, GELU, every head its own K/V)."""
-    return (getattr(config, "position", "learned") == "learned" and getattr(config, "norm", "layernorm") == "layernorm"
-            and getattr(config, "mlp", "gelu") == "gelu"
-            and getattr(config, "n_kv_head", None) in (None, config.n_head))
+    return (config.position == "learned" and config.norm == "layernorm" and config.mlp == "gelu"
+            and config.kv_heads == config.n_head)
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -82,13 +81,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
     if activation not in _GELU_TANH + _GELU_EXACT:
         raise GPT2FormatError(f"config.json uses activation {activation!r}; Glass Box computes GELU, exact "
                               "('gelu') or GPT-2's tanh approximation ('gelu_new').")
-    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
-        raise GPT2FormatError("config.json sets n_inner: Glass Box's feed-forward is always 4 × n_embd wide.")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
             raise GPT2FormatError(f"config.json turns on {flag}, which Glass Box does not compute.")
-    if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
-        raise GPT2FormatError("config.json uses a layer_norm_epsilon other than 1e-5.")
     try:
         return GPTConfig(
             vocab_size=int(hf.get("vocab_size", GPT2_VOCAB_SIZE)),
@@ -100,6 +95,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
             qkv_bias=True,
             tie_weights=bool(hf.get("tie_word_embeddings", True)),
             gelu="exact" if activation in _GELU_EXACT else "tanh",
+            ffn_hidden=int(hf["n_inner"]) if hf.get("n_inner") is not None else None,
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
     except (TypeError, ValueError) as e:
         raise GPT2FormatError(f"config.json has a value that is not a number ({e}).") from None
@@ -119,12 +116,12 @@ def config_to_hf(config: GPTConfig, eot_id: int | None = None) -> dict:
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": None,
+        "n_inner": config.ffn_hidden,
         "activation_function": "gelu" if config.gelu == "exact" else "gelu_new",
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": config.norm_eps,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,

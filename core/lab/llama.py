@@ -35,10 +35,15 @@ class LlamaFormatError(CorruptRunError):
     Glass Box does not compute."""
 
 
+def has_biases(config: GPTConfig) -> bool:
+    """Llama's layout has biases everywhere (attention_bias + mlp_bias) or nowhere; a model with any
+    bias exports them all (the ones it lacks as zeros, which compute the same)."""
+    return bool(config.bias or config.qkv_bias)
+
+
 def is_llama_config(config: GPTConfig) -> bool:
     """True when `config` is Llama's block (and so has a Hugging Face Llama layout)."""
-    return (getattr(config, "position", "learned") == "rope" and getattr(config, "norm", "layernorm") == "rmsnorm"
-            and getattr(config, "mlp", "gelu") == "swiglu")
+    return config.position == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"
 
 
 # ---------------------------------------------------------------------------- config
@@ -69,7 +74,7 @@ def config_from_hf_llama(hf: dict) -> GPTConfig:
     try:
         n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim")
-        if head_dim not in (None, n_embd // max(n_head, 1)) or n_embd % max(n_head, 1):
+        if n_head > 0 and n_embd % n_head == 0 and head_dim not in (None, n_embd // n_head):
             raise LlamaFormatError(f"config.json sets head_dim {head_dim}, not hidden_size / num_attention_heads "
                                    f"({n_embd} / {n_head}); Glass Box needs them equal.")
         return GPTConfig(
@@ -77,6 +82,7 @@ def config_from_hf_llama(hf: dict) -> GPTConfig:
             n_embd=n_embd, n_head=n_head, n_layer=int(hf["num_hidden_layers"]),
             n_kv_head=int(hf.get("num_key_value_heads") or n_head), ffn_hidden=int(hf["intermediate_size"]),
             position="rope", norm="rmsnorm", mlp="swiglu", bias=bool(hf.get("attention_bias", False)),
+            qkv_bias=bool(hf.get("attention_bias", False)),
             rope_base=_rope_base(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_weights=bool(hf.get("tie_word_embeddings", False)), dropout=0.0,
         )
@@ -91,16 +97,16 @@ def config_from_hf_llama(hf: dict) -> GPTConfig:
 def config_to_hf_llama(config: GPTConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict:
     """A Hugging Face LlamaConfig dict for our config (a Llama block)."""
     special = config.vocab_size - 1
-    bias = bool(getattr(config, "bias", False))
+    bias = has_biases(config)
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
-        "intermediate_size": config.ffn_hidden,
+        "intermediate_size": config.hidden_size,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head or config.n_head,
+        "num_key_value_heads": config.kv_heads,
         "head_dim": config.n_embd // config.n_head,
         "hidden_act": "silu",
         "max_position_embeddings": config.context_length,
@@ -125,21 +131,45 @@ def config_to_hf_llama(config: GPTConfig, bos_id: int | None = None, eos_id: int
 def _block_sizes(config: GPTConfig) -> tuple[int, int, int]:
     """(rows of q, rows of k = rows of v, ffn hidden)."""
     hs = config.n_embd // config.n_head
-    return config.n_head * hs, (config.n_kv_head or config.n_head) * hs, config.ffn_hidden
+    return config.n_head * hs, config.kv_heads * hs, config.hidden_size
+
+
+def hf_llama_shapes(config: GPTConfig) -> dict[str, tuple]:
+    """The shape config.json implies for each tensor of one layer (by the name after `model.layers.N.`)."""
+    q, kv, ffn = _block_sizes(config)
+    C = config.n_embd
+    shapes = {"input_layernorm.weight": (C,), "post_attention_layernorm.weight": (C,),
+              "self_attn.q_proj.weight": (q, C), "self_attn.k_proj.weight": (kv, C),
+              "self_attn.v_proj.weight": (kv, C), "self_attn.o_proj.weight": (C, q),
+              "mlp.gate_proj.weight": (ffn, C), "mlp.up_proj.weight": (ffn, C), "mlp.down_proj.weight": (C, ffn)}
+    if has_biases(config):
+        shapes.update({name[: -len("weight")] + "bias": (shape[0],) for name, shape in shapes.items()
+                       if name.endswith("proj.weight")})
+    return shapes
 
 
 def tensors_from_hf_llama(hf: dict, config: GPTConfig) -> dict:
-    """Llama's tensors under our names: q/k/v fused into attn.qkv, gate/up into mlp.fc."""
+    """Llama's tensors under our names: q/k/v fused into attn.qkv, gate/up into mlp.fc. A tensor
+    missing or of the wrong shape is named before anything is fused."""
     seen = set()
+    layer_shapes = hf_llama_shapes(config)
+    top_shapes = {"model.embed_tokens.weight": (config.vocab_size, config.n_embd),
+                  "model.norm.weight": (config.n_embd,), "lm_head.weight": (config.vocab_size, config.n_embd)}
 
     def take(name):
         if name not in hf:
             raise LlamaFormatError(f"The Llama weights lack the tensor {name!r}.")
+        want = top_shapes.get(name) or layer_shapes[name.split(".", 3)[3]]
+        if tuple(hf[name].shape) != want:
+            raise LlamaFormatError(
+                f"{name} has shape {tuple(hf[name].shape)}, but config.json (hidden {config.n_embd}, "
+                f"{config.n_head} heads, {config.kv_heads} key/value heads, feed-forward {config.hidden_size}) "
+                f"needs {want}.")
         seen.add(name)
         return hf[name]
 
     ours = {"wte.weight": take("model.embed_tokens.weight"), "ln_f.weight": take("model.norm.weight")}
-    kinds = ("weight", "bias") if getattr(config, "bias", False) else ("weight",)
+    kinds = ("weight", "bias") if has_biases(config) else ("weight",)
     for i in range(config.n_layer):
         p, o = f"model.layers.{i}.", f"blocks.{i}."
         ours[o + "ln_1.weight"] = take(p + "input_layernorm.weight")
@@ -156,30 +186,7 @@ def tensors_from_hf_llama(hf: dict, config: GPTConfig) -> dict:
     if extra:
         raise LlamaFormatError(f"The Llama weights hold tensors this config does not expect, e.g. {extra[0]!r} "
                                f"(config.json says {config.n_layer} layers).")
-    _check_shapes(ours, config)
     return ours
-
-
-def _check_shapes(ours: dict, config: GPTConfig) -> None:
-    """Name the Hugging Face tensor whose shape does not fit config.json (before fusing hides it)."""
-    q, kv, ffn = _block_sizes(config)
-    C = config.n_embd
-    want = {"attn.qkv.weight": (q + 2 * kv, C), "attn.proj.weight": (C, q), "mlp.fc.weight": (2 * ffn, C),
-            "mlp.proj.weight": (C, ffn), "ln_1.weight": (C,), "ln_2.weight": (C,)}
-    hf = {"attn.qkv.weight": "self_attn.q/k/v_proj", "attn.proj.weight": "self_attn.o_proj",
-          "mlp.fc.weight": "mlp.gate/up_proj", "mlp.proj.weight": "mlp.down_proj",
-          "ln_1.weight": "input_layernorm", "ln_2.weight": "post_attention_layernorm"}
-    for i in range(config.n_layer):
-        for name, shape in want.items():
-            got = tuple(ours[f"blocks.{i}.{name}"].shape)
-            if got != shape:
-                raise LlamaFormatError(
-                    f"Layer {i}'s {hf[name]} has shape {got} together, but config.json "
-                    f"(hidden {C}, {config.n_head} heads, {config.n_kv_head or config.n_head} key/value heads, "
-                    f"feed-forward {ffn}) needs {shape}.")
-    if tuple(ours["wte.weight"].shape) != (config.vocab_size, C):
-        raise LlamaFormatError(f"model.embed_tokens.weight has shape {tuple(ours['wte.weight'].shape)}, "
-                               f"config.json needs {(config.vocab_size, C)}.")
 
 
 def tensors_to_hf_llama(model: GPT) -> dict:
@@ -188,18 +195,22 @@ def tensors_to_hf_llama(model: GPT) -> dict:
     state = model_tensors(model)
     q, kv, ffn = _block_sizes(config)
     out = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"]}
-    kinds = ("weight", "bias") if getattr(config, "bias", False) else ("weight",)
+    kinds = ("weight", "bias") if has_biases(config) else ("weight",)
+
+    def get(name):  # a bias this model was built without: zeros of its matrix's height
+        return state[name] if name in state else torch.zeros(state[name[: -len("bias")] + "weight"].shape[0])
+
     for i in range(config.n_layer):
         p, o = f"model.layers.{i}.", f"blocks.{i}."
         out[p + "input_layernorm.weight"] = state[o + "ln_1.weight"]
         out[p + "post_attention_layernorm.weight"] = state[o + "ln_2.weight"]
         for kind in kinds:
-            wq, wk, wv = state[o + f"attn.qkv.{kind}"].split([q, kv, kv])
+            wq, wk, wv = get(o + f"attn.qkv.{kind}").split([q, kv, kv])
             out.update({p + f"self_attn.q_proj.{kind}": wq, p + f"self_attn.k_proj.{kind}": wk,
-                        p + f"self_attn.v_proj.{kind}": wv, p + f"self_attn.o_proj.{kind}": state[o + f"attn.proj.{kind}"]})
-            gate, up = state[o + f"mlp.fc.{kind}"].split([ffn, ffn])
+                        p + f"self_attn.v_proj.{kind}": wv, p + f"self_attn.o_proj.{kind}": get(o + f"attn.proj.{kind}")})
+            gate, up = get(o + f"mlp.fc.{kind}").split([ffn, ffn])
             out.update({p + f"mlp.gate_proj.{kind}": gate, p + f"mlp.up_proj.{kind}": up,
-                        p + f"mlp.down_proj.{kind}": state[o + f"mlp.proj.{kind}"]})
+                        p + f"mlp.down_proj.{kind}": get(o + f"mlp.proj.{kind}")})
     if "lm_head.weight" in state:
         out["lm_head.weight"] = state["lm_head.weight"]
     return {k: v.detach().contiguous() for k, v in out.items()}
