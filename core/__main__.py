@@ -90,6 +90,7 @@ def run_command(argv: list[str]) -> dict:
     if command not in COMMANDS:
         raise _ArgumentError(f"unknown command {command!r}; `python -m core --help` lists the commands.")
     args = build_parser(command).parse_args(argv[1:])
+    args.dispatch = run_command  # the `job` command runs a stored command line through it
     result = args._run(args)
     return result if isinstance(result, dict) else {"result": result}
 

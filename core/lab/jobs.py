@@ -294,10 +294,9 @@ def _wait_for_slot(run_id: str):
         time.sleep(1.0)
 
 
-def run_job(run_id: str) -> int:
-    """Body of `python -m core job --run-id ID`: queue, run the stored command, record the end."""
-    from core.__main__ import run_command
-
+def run_job(run_id: str, run_command) -> int:
+    """Body of `python -m core job --run-id ID`: queue, run the stored command with `run_command`
+    (the dispatcher's, handed down so the machinery never imports the command line), record the end."""
     runs.validate_run_id(run_id)
     argv = runs.read_json(runs.run_dir(run_id) / "job.json")["argv"]
     slot = _wait_for_slot(run_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import fcntl
 import json
 import math
 import os
@@ -167,7 +168,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically (the previous file survives a crash mid-save)."""
-    from safetensors.torch import save
+    from safetensors.torch import save  # heavy: imports torch, which `python -m core data` never needs
 
     # safetensors refuses shared or non-contiguous storage: give it plain copies.
     plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
@@ -176,8 +177,8 @@ def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = No
 
 
 def load_tensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors import SafetensorError  # heavy (torch): loaded only when tensors are read
+    from safetensors.torch import load  # heavy: imports torch
 
     path = Path(path)
     if not path.is_file():
@@ -189,7 +190,7 @@ def load_tensors(path: Path) -> dict:
 
 
 def tensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # heavy (torch): only when a header is read
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -411,8 +412,6 @@ def _status_lock(run_id: str):
     lock the app could read "running", the job then write "stopped" and exit, and the app write
     "stopping" over it: a dead process that never said it ended, reported as a crash.
     """
-    import fcntl
-
     with open_append(run_dir(run_id) / "status.lock") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
         yield

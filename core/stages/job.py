@@ -1,4 +1,8 @@
-"""`python -m core job --run-id ID` (internal): the body of a background job, see core/jobs.py."""
+"""`python -m core job --run-id ID` (internal): the body of a background job, see core/lab/jobs.py.
+
+The dispatcher hands its own `run_command` down as `args.dispatch`: the job runs the stored command
+in this process.
+"""
 
 import sys
 
@@ -10,7 +14,7 @@ def add_arguments(parser):
 
 
 def run(args) -> dict:
-    code = jobs.run_job(args.run_id)
+    code = jobs.run_job(args.run_id, args.dispatch)
     if code:
         sys.exit(code)
     return {"run_id": args.run_id, "state": jobs.job_state(args.run_id).state}
