@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -394,14 +395,17 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         except BaseException:
             engine.lock.release()
             raise
+        # The next request may start when this generation's thread has ended, however the client
+        # left (a stream's generator is not always closed when the client hangs up).
+        job.add_done_callback(lambda _: engine.lock.release())
         if req.stream:
-            return StreamingResponse(_events(engine, req, base, queue, cancel, job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(_events(req, base, queue, cancel), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(cancel.set))
         try:
             text, stats = await _collect(queue)
         finally:
-            await job
-            engine.lock.release()
+            cancel.set()  # a client that went away stops the generation
         return JSONResponse({**base, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": stats["finish_reason"],
              "logprobs": None}], "usage": _usage(stats), "glassbox": stats})
@@ -433,7 +437,7 @@ async def _collect(queue: asyncio.Queue) -> tuple[str, dict]:
             raise _error_of(value)
 
 
-async def _events(engine, req, base, queue, cancel, job):
+async def _events(req, base, queue, cancel):
     """The SSE stream of one reply; a client that goes away stops the generation."""
     try:
         yield _chunk(base, {"role": "assistant", "content": ""})
@@ -453,5 +457,3 @@ async def _events(engine, req, base, queue, cancel, job):
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()
-        await job
-        engine.lock.release()
