@@ -153,9 +153,9 @@ if pairwise and pairwise.get("win_rate") is not None:
     metric_cols[-1].metric(f"{pairwise['second']} wins (pairwise)", f"{pairwise['win_rate']:.0%}",
                            help="Both orders asked; when the orders disagree it counts as a tie.")
 code_behind(*stage.CODE["scores"], title="The code behind this: the interval, the pairwise verdict, ROUGE-L")
-singles = pd.DataFrame([r for r in records if r["kind"] == "single"])
-if not singles.empty:
-    ok, chart_cols = singles[singles["status"] == "ok"], st.columns(2)
+ok = pd.DataFrame([r for r in records if r["kind"] == "single" and r["status"] == "ok"])
+if not ok.empty:  # no charts of nothing: a run whose judgements all failed says so above
+    chart_cols = st.columns(2)
     hist, scatter = go.Figure(), go.Figure()
     for i, label in enumerate(labels):
         part = ok[ok["model"] == label]

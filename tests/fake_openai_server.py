@@ -9,6 +9,12 @@ a string (the assistant's text in a 200 completion) or a dict:
 
 Replies in `script` are used first, in order; after that `responder(request_body)` decides (or a
 default good judgement). Every request is recorded in `.requests` (path, lower-cased headers, body).
+
+`like="llama-cpp-python"` answers as `python -m llama_cpp.server` 0.3.36 does: its request model
+takes `response_format` of type "text" or "json_object" (with an optional "schema") only, and its
+route handler turns the validation error into HTTP **500** with an OpenAI-style body
+(llama_cpp/server/errors.py: `{"error": {"message": str(exc), "type": "internal_server_error",
+"param": null, "code": null}}`), the message being FastAPI's text for a pydantic literal error.
 """
 
 from __future__ import annotations
@@ -22,6 +28,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 GOOD_SINGLE = json.dumps({"criteria": {"correctness": 5, "instruction_following": 5, "completeness": 4,
                                        "concision": 5}, "score": 90, "rationale": "Correct and concise."})
 GOOD_PAIRWISE = json.dumps({"winner": "A", "rationale": "A is correct."})
+
+
+LLAMA_CPP_FORMATS = ("text", "json_object")
+
+
+def llama_cpp_validation_error(given) -> dict:
+    """The 500 body llama-cpp-python's server sends for `response_format.type` = json_schema."""
+    error = {"type": "literal_error", "loc": ("body", "response_format", "type"),
+             "msg": "Input should be 'text' or 'json_object'", "input": given,
+             "ctx": {"expected": "'text' or 'json_object'"}}
+    return {"error": {"message": f"1 validation error:\n  {error}\n", "type": "internal_server_error",
+                      "param": None, "code": None}}
 
 
 def free_port() -> int:
@@ -39,7 +57,7 @@ def default_responder(body: dict):
 
 class FakeOpenAIServer:
     def __init__(self, script=None, responder=None, models=("judge-model",), api_key=None,
-                 reject_response_format=False, list_models=True, port=0):
+                 reject_response_format=False, list_models=True, port=0, like=None):
         self.script = list(script or [])
         self.responder = responder or default_responder
         self.models = list(models)
@@ -47,6 +65,7 @@ class FakeOpenAIServer:
         self.reject_response_format = reject_response_format
         self.list_models = list_models
         self.port = port  # 0: any free port
+        self.like = like  # None, or "llama-cpp-python": refuse formats exactly as that server does
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._httpd = None
@@ -120,6 +139,9 @@ class FakeOpenAIServer:
         if body.get("model") not in self.models:
             return self._send(handler, 404, {"error": {
                 "message": f"The model `{body.get('model')}` does not exist.", "code": "model_not_found"}})
+        given = (body.get("response_format") or {}).get("type")
+        if self.like == "llama-cpp-python" and "response_format" in body and given not in LLAMA_CPP_FORMATS:
+            return self._send(handler, 500, llama_cpp_validation_error(given))
         # reject_response_format: True refuses any response_format; "json_schema" refuses only that
         # type (like llama-cpp-python's server, which takes {"type": "json_object", "schema": ...}).
         refused = self.reject_response_format
@@ -138,8 +160,10 @@ class FakeOpenAIServer:
             time.sleep(reply["delay"])
         status = reply.get("status", 200)
         if status != 200:
-            return self._send(handler, status, {"error": {"message": reply.get("message", "error")}},
-                              reply.get("headers"))
+            payload = reply.get("body") or {"error": {"message": reply.get("message", "error")}}
+            return self._send(handler, status, payload, reply.get("headers"))
+        if "raw" in reply:  # a 200 whose body is given as it is (e.g. not a chat completion)
+            return self._send_raw(handler, 200, reply["raw"])
         return self._send(handler, 200, {
             "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model"),
@@ -149,7 +173,10 @@ class FakeOpenAIServer:
 
     @staticmethod
     def _send(handler, status: int, payload: dict, headers: dict | None = None):
-        data = json.dumps(payload).encode("utf-8")
+        FakeOpenAIServer._send_raw(handler, status, json.dumps(payload).encode("utf-8"), headers)
+
+    @staticmethod
+    def _send_raw(handler, status: int, data: bytes, headers: dict | None = None):
         try:
             handler.send_response(status)
             handler.send_header("content-type", "application/json")

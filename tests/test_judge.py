@@ -17,6 +17,7 @@ import pytest
 
 from core.gpt import judge as J
 from core.lab import judge_client as C
+from core.lab import judge_settings
 from core.lab import judge_data as D
 from core.stages import judge as S
 from core.lab import runs
@@ -516,3 +517,193 @@ def test_a_stop_request_ends_the_evaluation_early_and_keeps_what_is_done(tmp_pat
         records, stopped = C.evaluate(judge, items[:10], labels, "single", should_stop=lambda: True)
     assert stopped and 1 <= len(records) < 20 and len(s.chat_requests) == len(records)
     assert all(r["status"] == "ok" for r in records)
+
+
+# ------------------------------------------------------------------ real servers' refusals (issue 21)
+
+
+def test_llama_cpp_python_refuses_json_schema_with_a_500_and_gets_json_object(tmp_path, rubric):
+    """Its 500 names response_format.type: one more request in json_object + schema, never 4 retries."""
+    with FakeOpenAIServer(like="llama-cpp-python", models=("smollm2",)) as s:
+        judge, waits = make_judge(s.url, tmp_path, rubric, model="smollm2")
+        assert grade(judge)["status"] == "ok" and judge.output_format == "json_object"
+        assert judge.compare("q", "", "r", "a", "b")["status"] == "ok"
+        sent = [r["body"].get("response_format") for r in s.chat_requests]
+        assert [f["type"] for f in sent] == ["json_schema", "json_object", "json_object"] and waits == []
+        assert sent[1]["schema"]["required"] == ["criteria", "score", "rationale"]
+        assert "JSON schema" in s.chat_requests[1]["body"]["messages"][-1]["content"]   # also in the prompt
+        # Remembered per endpoint: the next judge (a new run, a resumed one) asks json_object at once.
+        again, _ = make_judge(s.url, tmp_path, rubric, model="smollm2")
+        again.grade("Name a colour.", "", "Red.", "Blue.")
+        assert s.chat_requests[-1]["body"]["response_format"]["type"] == "json_object" and len(s.chat_requests) == 4
+
+
+def test_a_run_against_llama_cpp_python_succeeds_and_says_which_form_it_used(tmp_path):
+    source = write_stage6_run(n=3)
+    with FakeOpenAIServer(like="llama-cpp-python", models=("smollm2",), responder=fair_judge) as s:
+        result = S.judge_run("judge-llama", settings_for(s.url, model="smollm2", max_concurrency=2),
+                             source_run=source)
+        probes = [r for r in s.chat_requests if r["body"]["response_format"]["type"] == "json_schema"]
+    assert result["failed"] == 0 and result["mean_scores"] == {"base": 20.0, "tuned": 90.0}
+    assert len(probes) == 1   # probed once, alone, before the pool fanned out
+    assert S.read_summary("judge-llama")["structured_output"] == "json_object"
+
+
+def test_a_run_whose_judgements_all_failed_exits_non_zero_with_the_servers_reason(capsys, monkeypatch):
+    from core.__main__ import main
+
+    with FakeOpenAIServer(responder=lambda body: {"status": 500, "message": "CUDA out of memory\nat layer 3"}) as s:
+        argv = ["judge", "--data", "eval-example-data", "--base-url", s.url, "--model", "judge-model",
+                "--limit", "2", "--max-attempts", "1", "--run-id", "all-failed"]
+        assert main(argv) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert out == "" and errors == [err.strip().splitlines()[-1]]          # one line, the last
+    assert errors[0].startswith("error: All 6 judgements failed") and "CUDA out of memory at layer 3" in errors[0]
+    assert runs.read_status("all-failed")["state"] == "failed"
+    summary = S.read_summary("all-failed")
+    assert summary["failed"] == 6 and "CUDA out of memory" in summary["error"]
+
+
+# ------------------------------------------------------------------ a shared classroom server (issue 22)
+
+
+def test_the_server_key_never_leaves_for_an_endpoint_it_is_not_pinned_to(monkeypatch, capsys):
+    """A learner's loopback logging server: the app's OPENAI_API_KEY never reaches it."""
+    from core.__main__ import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeOpenAIServer() as logger:
+        # The app (page, jobs): the server key goes only to the pinned URL (default: OpenAI's).
+        assert S.key_for(logger.url, typed_key="") == "" and not S.uses_server_key(logger.url)
+        report = S.check_endpoint(logger.url, "judge-model")
+        assert report["ok"]
+        # From a shell with a pin set: the exported key goes nowhere else either.
+        monkeypatch.setenv("GLASSBOX_JUDGE_KEY_URL", "https://api.openai.com/v1")
+        assert main(["judge", "--data", "eval-example-data", "--base-url", logger.url, "--model", "judge-model",
+                     "--limit", "1", "--mode", "single", "--run-id", "pinned-elsewhere"]) == 0
+        capsys.readouterr()
+        sent = [r["headers"].get("authorization", "") for r in logger.requests]
+        assert len(sent) >= 3 and not [h for h in sent if SECRET in h]
+        # The control: pinned to this URL, the key is sent (so the check above can fail).
+        monkeypatch.setenv("GLASSBOX_JUDGE_KEY_URL", logger.url)
+        assert S.key_for(logger.url, typed_key="") == SECRET
+        S.check_endpoint(logger.url, "judge-model")
+        assert logger.requests[-1]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert S.key_for("https://api.openai.com/v1", "") == ""   # pinned elsewhere now
+    # A judge job gets exactly its own key, with the inherited one blanked.
+    assert judge_settings.job_env("") == {"GLASSBOX_JUDGE_API_KEY": "", "OPENAI_API_KEY": ""}
+
+
+@pytest.mark.parametrize("url, kind", [
+    ("http://169.254.169.254/latest/v1", "link-local"), ("http://127.0.0.1:8501/v1", "loopback"),
+    ("http://[::1]:9000/v1", "loopback"), ("http://10.1.2.3/v1", "private"), ("http://localhost:9/v1", "loopback"),
+    ("http://[::ffff:127.0.0.1]:9/v1", "loopback"), ("http://0.0.0.0:9/v1", "loopback"),
+])
+def test_non_public_judge_hosts_are_refused_unless_allowed(monkeypatch, url, kind):
+    monkeypatch.delenv("GLASSBOX_JUDGE_ALLOW_HOSTS")
+    with pytest.raises(judge_settings.EndpointRefused, match=kind):
+        judge_settings.check_base_url(url)
+    monkeypatch.setenv("GLASSBOX_JUDGE_ALLOW_HOSTS", kind)
+    judge_settings.check_base_url(url)
+    monkeypatch.setenv("GLASSBOX_JUDGE_ALLOW_HOSTS", "")
+    monkeypatch.setenv("GLASSBOX_JUDGE_ENDPOINTS", url)          # listed by the teacher: allowed
+    judge_settings.check_base_url(url)
+
+
+def test_the_allow_list_and_the_local_presets(monkeypatch):
+    monkeypatch.delenv("GLASSBOX_JUDGE_ALLOW_HOSTS")
+    for preset in ("http://localhost:11434/v1", "http://localhost:8080/v1/"):
+        judge_settings.check_base_url(preset)                   # the offline judges work out of the box
+    judge_settings.check_base_url("https://93.184.215.14/v1")   # a public host
+    monkeypatch.setenv("GLASSBOX_JUDGE_ENDPOINTS", "http://10.0.0.5:8000/v1")
+    judge_settings.check_base_url("http://10.0.0.5:8000/v1")
+    for other in ("https://93.184.215.14/v1", "http://localhost:11434/v1", "http://10.0.0.5:8001/v1"):
+        with pytest.raises(judge_settings.EndpointRefused, match="not one this server allows"):
+            judge_settings.check_base_url(other)
+
+
+def test_a_refused_host_gets_no_request_at_all(monkeypatch, tmp_path, rubric):
+    with FakeOpenAIServer() as s:
+        monkeypatch.delenv("GLASSBOX_JUDGE_ALLOW_HOSTS")
+        report = C.test_connection(settings_for(s.url))
+        assert not report["ok"] and "loopback" in report["message"]
+        with pytest.raises(judge_settings.EndpointRefused):
+            S.judge_run("refused-host", settings_for(s.url), data="eval-example-data", limit=1)
+        judge = make_judge(s.url, tmp_path, rubric)[0]          # even a client built directly
+        with pytest.raises(C.EndpointUnusable, match="loopback"):
+            grade(judge)
+        assert s.requests == []
+
+
+def test_redirects_are_not_followed(tmp_path, rubric):
+    with FakeOpenAIServer() as target:
+        moved = {"status": 307, "headers": {"location": target.url + "/chat/completions"}, "message": "moved"}
+        with FakeOpenAIServer(responder=lambda body: moved) as s:
+            judge, waits = make_judge(s.url, tmp_path, rubric)
+            with pytest.raises(C.EndpointUnusable, match="redirect"):
+                grade(judge)
+            assert len(s.chat_requests) == 1 and waits == []
+        assert target.requests == []
+
+
+def test_a_key_in_the_url_query_is_refused_and_never_written(capsys):
+    from core.__main__ import main
+
+    url = f"http://127.0.0.1:9/v1?api-key={SECRET}"
+    with pytest.raises(JudgeError, match="query string") as info:
+        settings_for(url)
+    assert SECRET not in str(info.value)
+    assert C.redact_url(url) == "http://127.0.0.1:9/v1?api-key=***"
+    assert C.redact_url("https://h/v1?a=1&token=sk-x#frag") == "https://h/v1?a=***&token=***"
+    assert main(["judge", "--data", "eval-example-data", "--base-url", url, "--model", "m", "--run-id", "q"]) == 2
+    out, err = capsys.readouterr()
+    assert "query string" in err and SECRET not in out + err
+    assert SECRET.encode() not in all_written_bytes(Path(os.environ["GLASSBOX_CHECKPOINTS_DIR"]))
+
+
+def test_a_deeply_nested_reply_is_a_failed_judgement_not_a_crash(tmp_path, rubric):
+    deep = '{"score": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    with pytest.raises(J.ReplyUnreadable):
+        J.parse_single_reply(deep, rubric)
+    with pytest.raises(J.ReplyUnreadable):
+        J.parse_pairwise_reply("{" * 200_000)
+    source = write_stage6_run(n=2)
+    with FakeOpenAIServer(responder=lambda body: deep) as s:
+        with pytest.raises(JudgeError, match="All 4 judgements failed"):
+            S.judge_run("deep", settings_for(s.url), source_run=source, mode="single")
+    records = S.read_judgements("deep")
+    assert len(records) == 4 and {r["status"] for r in records} == {"failed"}
+    with FakeOpenAIServer(responder=fair_judge, port=int(s.url.split(":")[2].split("/")[0])) as s2:
+        result = S.judge_run("deep", settings_for(s2.url), source_run=source, mode="single", resume=True)
+    assert result["failed"] == 0 and result["judgements"] == 4     # and the resume does not crash again
+
+
+def test_a_run_stops_after_n_failures_in_a_row_and_keeps_what_it_finished(monkeypatch):
+    monkeypatch.setenv("GLASSBOX_JUDGE_MAX_FAILURES", "3")
+    calls = {"n": 0}
+
+    def good_then_nonsense(body):
+        calls["n"] += 1
+        return GOOD_SINGLE if calls["n"] <= 2 else "nonsense"
+
+    with FakeOpenAIServer(responder=good_then_nonsense) as s:
+        settings = settings_for(s.url, parse_attempts=1)
+        with pytest.raises(C.TooManyFailures, match="3 judgements failed in a row"):
+            S.judge_run("streak", settings, data="instruction-data-with-response", limit=20)
+        sent = len(s.chat_requests)
+    assert sent in (5, 6)                         # not 20 (one more may have been in flight)
+    records = S.read_judgements("streak")
+    assert [r["status"] for r in records] == ["ok", "ok"] + ["failed"] * (sent - 2)
+    summary = S.read_summary("streak")
+    assert summary["models"]["model_response"]["scored"] == 2 and "in a row" in summary["error"]
+    assert runs.read_status("streak")["state"] == "failed"
+
+
+def test_an_endpoint_that_never_answers_is_given_up_on(monkeypatch, tmp_path, rubric):
+    monkeypatch.setenv("GLASSBOX_JUDGE_GIVE_UP_S", "1")
+    with FakeOpenAIServer(responder=lambda body: {"content": GOOD_SINGLE, "delay": 0.6}) as s:
+        judge, waits = make_judge(s.url, tmp_path, rubric, timeout=0.25, max_attempts=1000)
+        with pytest.raises(C.EndpointUnusable, match="has not answered"):
+            grade(judge)
+        assert 2 <= len(s.chat_requests) < 20     # retries would have gone on for 1000 tries

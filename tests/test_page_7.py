@@ -110,3 +110,48 @@ def test_start_button_runs_a_job_that_never_writes_the_key(isolated_workspace):
     assert len(at.dataframe[-1].value) == 2 * 2 + 2   # two answers graded + one comparison per item
     written = b"".join(p.read_bytes() for p in isolated_workspace["checkpoints"].rglob("*") if p.is_file())
     assert SECRET.encode() not in written
+
+
+def test_a_run_whose_judgements_all_failed_says_so_with_the_reason():
+    """Issue 21: not a green 'finished' with empty charts."""
+    with FakeOpenAIServer(responder=lambda body: {"status": 500, "message": "model crashed: out of memory"}) as s:
+        settings = C.EndpointSettings(s.url, "judge-model", max_concurrency=1, max_attempts=1)
+        with pytest.raises(C.JudgeError, match="All 3 judgements failed"):
+            S.judge_run("all-failed", settings, data="instruction-data-with-response", limit=3)
+    at = page()
+    assert at.selectbox(key="judge_show").value == "all-failed"
+    errors = [e.value for e in at.error]
+    assert any("All 3 judgements failed" in e and "model crashed: out of memory" in e for e in errors), errors
+    assert not any("finished" in m.value for m in at.markdown)
+    assert not [c for c in at.get("plotly_chart")]
+
+
+def test_server_error_text_cannot_load_remote_images():
+    tracker = "![pixel](http://198.51.100.7/track.png)"
+    with FakeOpenAIServer(list_models=False, responder=lambda body: {"status": 400, "message": f"bad {tracker}"}) as s:
+        at = page()
+        at.selectbox(key="judge_preset").set_value("Custom").run()
+        at.text_input(key="judge_base_url").set_value(s.url)
+        at.text_input(key="judge_model").set_value("judge-model")
+        at.button(key="judge_test").click().run()
+    errors = [e.value for e in at.error]
+    assert errors and any("198.51.100.7" in e for e in errors)       # the text is shown ...
+    assert not any("![" in e for e in errors), errors                 # ... but never as an image
+
+
+def test_a_key_in_a_stored_url_is_never_shown():
+    runs.create_run("old-judge", "judge", {"labels": ["model_response"], "judge_model": "m",
+                                           "judge_base_url": f"http://judge.example/v1?api-key={SECRET}"})
+    record = {"item": 0, "kind": "single", "model": "model_response", "status": "ok", "score": 50.0,
+              "rouge_l": 0.5, "instruction": "x", "answer": "y", "rationale": "z"}
+    runs.append_jsonl(runs.run_dir("old-judge") / "judgements.jsonl", record)
+    at = page()
+    text = all_text(at) + " ".join(c.value for c in at.caption)
+    assert "judge.example/v1?api-key=***" in text and SECRET not in text
+
+
+def test_resume_sends_a_typed_key_only_to_the_url_it_was_typed_for():
+    runs.create_run("theirs", "judge", {"labels": ["a"], "judge_base_url": "http://their-logger.example/v1"})
+    assert S.resume_env("theirs", "http://my-judge.example/v1", SECRET) == {
+        "GLASSBOX_JUDGE_API_KEY": "", "OPENAI_API_KEY": ""}
+    assert S.resume_env("theirs", "http://their-logger.example/v1/", SECRET)["GLASSBOX_JUDGE_API_KEY"] == SECRET
