@@ -194,3 +194,136 @@ def test_dpo_without_any_reference_is_refused():
     x, y = task.get_batch("train", 0, 2)
     with pytest.raises(dpo.PreferenceError, match="reference"):
         task.loss(model, x, y)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+from core.lab import adapters, runs  # noqa: E402
+from core.lab.errors import RunNotFoundError  # noqa: E402
+from core.stages import prefer as stage  # noqa: E402
+
+TOY = [{"instruction": f"Answer question {n}.", "input": "", "output": f"Answer {n}.",
+        "chosen": f"Certainly, the answer is {n}. Thank you!", "rejected": f"Ugh, {n}, obviously."}
+       for n in range(40)]
+
+
+@pytest.fixture
+def sft_run(tmp_path):
+    """A tiny 'instruction-tuned' run (untrained weights, a small BPE) and a toy preference file."""
+    from core.gpt.instruct import format_prompt
+    from core.gpt.tokenizers import train_bpe
+    from core.lab.models import save_model_run
+
+    text = " ".join(format_prompt(r) + r["chosen"] + " " + r["rejected"] for r in TOY)
+    tokenizer = train_bpe(text, 300)
+    torch.manual_seed(0)
+    model = GPT(preset_config("tiny", tokenizer.vocab_size, context_length=128))
+    runs.create_run("sft", "instruct", {})
+    save_model_run("sft", model, tokenizer)
+    path = tmp_path / "toy-preferences.json"
+    path.write_text(json.dumps(TOY))
+    return f"file:{path}"
+
+
+def dpo_settings(data, run_id="dpo", **kw):
+    values = dict(start="sft", data=data, steps=12, eval_every=6, eval_pairs=4, batch_size=4,
+                  answers=2, max_new_tokens=8, run_id=run_id)
+    return stage.Settings(**{**values, **kw})
+
+
+def test_the_command_prints_the_headline_and_writes_the_side_by_side(sft_run, capsys):
+    from core.__main__ import main
+
+    code = main(["prefer", "--from", "sft", "--data", sft_run, "--steps", "12", "--eval-every", "6",
+                 "--eval-pairs", "4", "--batch-size", "4", "--answers", "2", "--max-new-tokens", "8",
+                 "--beta", "0.5", "--run-id", "dpo-cli"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert {"run_id", "reward_accuracy_start", "reward_accuracy", "reward_margin", "val_loss", "seconds"} <= set(result)
+    assert result["run_id"] == "dpo-cli" and result["steps"] == 12
+    assert result["reward_accuracy_start"] == 0.0  # policy = reference: every margin is exactly 0
+    assert result["val_loss_start"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result["reward_margin"] > 0 and result["val_loss"] < math.log(2)
+    assert "margin" in out.err and "accuracy" in out.err
+    found = stage.results("dpo-cli")
+    assert [m["step"] for m in found["evals"]] == [0, 6, 12]
+    assert {"val_loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp"} <= set(found["latest"])
+    rows = found["responses"]
+    assert len(rows) == 2 and list(rows[0])[:5] == ["instruction", "input", "output", "sft_response", "dpo_response"]
+    assert rows[0]["instruction"] == TOY[34]["instruction"]  # the first test record of the 85/10/5 split
+
+
+def stop_at(run_id, step):
+    def progress(record):
+        if isinstance(record, dict) and record.get("step") == step and "train_loss" in record:
+            runs.request_stop(run_id)
+    return progress
+
+
+@pytest.mark.parametrize("lora_rank", [None, 4])
+def test_resume_is_exact_for_full_and_lora_dpo(sft_run, lora_rank):
+    straight = stage.run(dpo_settings(sft_run, "straight", lora_rank=lora_rank, answers=0), progress=None)
+    first = stage.run(dpo_settings(sft_run, "resumed", lora_rank=lora_rank, answers=0),
+                      progress=stop_at("resumed", 5))
+    assert first["stopped"] is True and first["steps"] == 5
+    runs.clear_stop("resumed")
+    second = stage.run(dpo_settings(sft_run, "resumed", resume=True, start=None), progress=None)
+    assert second["steps"] == straight["steps"] == 12 and second["stopped"] is False
+    for key in ("val_loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "train_loss"):
+        assert second[key] == pytest.approx(straight[key], abs=1e-5), key
+    a, _, _ = adapters.load_run("straight")
+    b, _, _ = adapters.load_run("resumed")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_a_lora_dpo_run_saves_only_its_adapter_and_names_a_deleted_parent(sft_run):
+    result = stage.run(dpo_settings(sft_run, "dpo-lora", lora_rank=2, lora_targets=("qkv",), answers=0),
+                       progress=None)
+    assert result["lora"] is True and result["trainable_parameters"] == 2 * 2 * (64 + 192)
+    saved = runs.load_tensors(runs.run_dir("dpo-lora") / "model.safetensors")
+    assert sorted(saved) == sorted(f"blocks.{i}.attn.qkv.lora_{m}" for i in (0, 1) for m in "AB")
+    model, _, config = adapters.load_run("dpo-lora")
+    assert config["lora"]["parent"] == "sft" and not any("lora" in n for n in model.state_dict())
+    parent, _, _ = adapters.load_run("sft")
+    assert (model.blocks[0].attn.qkv.weight - parent.blocks[0].attn.qkv.weight).abs().max() > 0
+    runs.delete_run("sft")
+    with pytest.raises(RunNotFoundError, match="LoRA adapter on top of run 'sft', which has been deleted"):
+        adapters.load_run("dpo-lora")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(beta=0), dpo.PreferenceError, "β must be a positive number"),
+    (dict(beta=-1.0), dpo.PreferenceError, "β must be a positive number"),
+    (dict(lora_rank=0), lora.LoRAError, "at least 1"),
+    (dict(lora_rank=4, lora_alpha=float("nan")), lora.LoRAError, "alpha"),
+    (dict(start=None), Exception, "--from"),
+    (dict(steps=0), Exception, "at least 1"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        dpo_settings("file:x.json", **kwargs)
+    assert not runs.run_dir("dpo").exists()
+
+
+def test_bad_preference_files_and_start_runs_are_named(sft_run, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(TOY[:3] + [{"instruction": "x", "input": "", "chosen": "y"}]))
+    with pytest.raises(dpo.PreferenceError, match="Record 3 .*no rejected"):
+        stage.run(dpo_settings(f"file:{bad}"), progress=None)
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps([{**r, "rejected": r["chosen"]} for r in TOY]))
+    with pytest.raises(dpo.PreferenceError, match="identical"):
+        stage.run(dpo_settings(f"file:{same}"), progress=None)
+    runs.create_run("words", "tokenizer", {})
+    with pytest.raises(Exception, match="'tokenizer' run; DPO starts from a model that already follows"):
+        stage.run(dpo_settings(sft_run, start="words"), progress=None)
+    assert not runs.run_dir("dpo").exists()
+
+
+def test_the_books_preference_data_is_found_by_its_registry_name(shared_data):
+    records, identical = stage.load_preferences(stage.DATA_SOURCE)
+    assert len(records) == 1094 and len(identical) == 6
+    assert stage.preference_file(stage.DATA_SOURCE).name == "instruction-data-with-preference.json"

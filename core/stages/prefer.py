@@ -19,6 +19,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from core.gpt.errors import GlassBoxError, TrainingError
 from core.gpt.instruct import answer_all, split_records
 from core.gpt.lora import DEFAULT_TARGETS, LoRALinear, add_lora, check_lora_settings, lora_disabled, \
@@ -184,6 +186,7 @@ def run(settings: Settings, progress=print_progress) -> dict:
     lora = s.lora_rank is not None
     reference = None
     if lora:
+        torch.manual_seed(s.seed)  # A's random start is part of the run: the same seed, the same adapter
         add_lora(model, s.lora_rank, s.lora_alpha, s.lora_targets)
         adapters.adapter_only_checkpoints(model)
     else:
