@@ -15,6 +15,8 @@ from torch import nn
 
 from core.gpt import attention as att
 from core.gpt.errors import GlassBoxError
+from core.lab import cli
+from core.stages import attention as cmd
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -187,10 +189,9 @@ def test_head_summary_names_the_habit():
 
 
 def cli_args(*argv):
-    from core.stages import attention as cmd
     parser = argparse.ArgumentParser()
-    cmd.add_arguments(parser)
-    return cmd, parser.parse_args(list(argv))
+    cli.add_arguments(parser, cmd.Settings)
+    return cmd, cli.settings_from_args(cmd.Settings, parser.parse_args(list(argv)))
 
 
 def test_command_returns_tokens_and_weights(capsys):

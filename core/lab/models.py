@@ -15,6 +15,7 @@ a LoRA-wrapped model): tied tensors (wte = lm_head) are stored once and re-tied 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -142,6 +143,19 @@ def load_model_run(run_id: str, device=None):
         model.to(device)
     model.eval()
     return model, tokenizer, run.config
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model_run(run_id: str, stamp: float):
+    model, tokenizer, _ = load_model_run(run_id)
+    return model, tokenizer
+
+
+def cached_model_run(run_id: str):
+    """(model, tokenizer) of a run, kept in memory for the pages (the two most recent runs) and
+    reloaded when the run's weights file changes. Treat the model as read-only."""
+    weights = runs.open_run(run_id).file("model.safetensors")
+    return _cached_model_run(run_id, weights.stat().st_mtime if weights.is_file() else 0.0)
 
 
 # ---------------------------------------------------------------------------- generation threads
