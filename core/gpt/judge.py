@@ -88,16 +88,20 @@ def pairwise_messages(rubric: Rubric, instruction: str, input_text: str, referen
 
 
 def single_schema(rubric: Rubric) -> dict:
-    """JSON schema of a single-answer judgement (strict mode: every key required, no extras)."""
-    criteria = {c["name"]: {"type": "integer", "minimum": c["min"], "maximum": c["max"]}
-                for c in rubric.criteria}
+    """JSON schema of a single-answer judgement (strict mode: every key required, no extras).
+
+    Each number also lists its allowed values (`enum`): a constrained decoder that ignores
+    minimum/maximum (outlines' regex for "integer" does) then still cannot write 99999."""
+    def whole(low: int, high: int) -> dict:
+        return {"type": "integer", "minimum": low, "maximum": high, "enum": list(range(low, high + 1))}
+
+    criteria = {c["name"]: whole(c["min"], c["max"]) for c in rubric.criteria}
     return {"type": "object", "additionalProperties": False,
             "required": ["criteria", "score", "rationale"],
             "properties": {
                 "criteria": {"type": "object", "additionalProperties": False,
                              "required": list(criteria), "properties": criteria},
-                "score": {"type": "integer", "minimum": rubric.overall["min"],
-                          "maximum": rubric.overall["max"]},
+                "score": whole(rubric.overall["min"], rubric.overall["max"]),
                 "rationale": {"type": "string"}}}
 
 
