@@ -275,6 +275,12 @@ def results(run_id: str) -> dict:
             "responses": runs.read_json(path) if path.exists() else []}
 
 
+def responses(run_id: str) -> list[dict]:
+    """The side-by-side answers of a finished DPO run ([] before they exist)."""
+    path = runs.run_dir(runs.validate_run_id(run_id)) / RESPONSES_FILE
+    return runs.read_json(path) if path.exists() else []
+
+
 def run_ids() -> list[str]:
     return [r.id for r in runs.list_runs(COMMAND) if not r.error]
 
