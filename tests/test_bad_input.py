@@ -35,6 +35,7 @@ from core.gpt.errors import GlassBoxError, ModelConfigError, TokenizerError, Tra
 from core.lab.errors import DataError, JudgeError, RunError
 from core.gpt import classify as C
 from core.gpt import instruct as I
+from core.stages import classify as S5
 from core.gpt.pretrain import LanguageModelTask
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,12 +168,12 @@ CORE_CASES = [
     ("SMS · no tab column", lambda t: C.parse_sms_lines("hello world\nfoo bar\n"), GlassBoxError, "line 1"),
     ("SMS · unknown label", lambda t: C.parse_sms_lines("maybe\thello\n"), GlassBoxError, "maybe"),
     ("SMS · CSV instead of TSV", lambda t: C.parse_sms_lines("label,text\nham,hi\n"), GlassBoxError, "line 1"),
-    ("SMS file · non-UTF-8", lambda t: C.load_sms_examples(sms_file(t, b"ham\tcaf\xe9\n")), DataError, "UTF-8"),
-    ("SMS file · binary", lambda t: C.load_sms_examples(sms_file(t, b"\x00\x01\x02" * 20)), DataError, "binary"),
-    ("SMS file · missing", lambda t: C.load_sms_examples(f"file:{t / 'nope.txt'}"), DataError, "nope.txt"),
-    ("message · empty", lambda t: C.classify_message("any", ""), DataError, "Type a message"),
-    ("message · blank", lambda t: C.classify_message("any", " \n\t"), DataError, "Type a message"),
-    ("message · None", lambda t: C.classify_message("any", None), DataError, "Type a message"),
+    ("SMS file · non-UTF-8", lambda t: S5.load_sms_examples(sms_file(t, b"ham\tcaf\xe9\n")), DataError, "UTF-8"),
+    ("SMS file · binary", lambda t: S5.load_sms_examples(sms_file(t, b"\x00\x01\x02" * 20)), DataError, "binary"),
+    ("SMS file · missing", lambda t: S5.load_sms_examples(f"file:{t / 'nope.txt'}"), DataError, "nope.txt"),
+    ("message · empty", lambda t: S5.classify_message("any", ""), DataError, "Type a message"),
+    ("message · blank", lambda t: S5.classify_message("any", " \n\t"), DataError, "Type a message"),
+    ("message · None", lambda t: S5.classify_message("any", None), DataError, "Type a message"),
     # stage 6: the instruction data (JSON) and a typed instruction
     ("instructions · empty", lambda t: I.parse_instruction_records(""), DataError, ""),
     ("instructions · not JSON", lambda t: I.parse_instruction_records("{oops"), DataError, "JSON"),

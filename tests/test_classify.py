@@ -1,5 +1,6 @@
 """Stage 5: spam/ham data, padding, the classification head, freezing, training and results."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from core.gpt.errors import GlassBoxError
 from core.lab.errors import DataError
 from core.gpt import classify as C
+from core.stages import classify as S
 
 SHARED_DATA = Path((os.environ.get("GLASSBOX_DATA_DIR") or "").split(os.pathsep)[0]
                    or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
@@ -18,13 +20,13 @@ SHARED_DATA = Path((os.environ.get("GLASSBOX_DATA_DIR") or "").split(os.pathsep)
 
 
 def test_sms_file_has_all_messages_by_plain_line_split():
-    examples = C.load_sms_examples("sms-spam")
+    examples = S.load_sms_examples("sms-spam")
     assert len(examples) == 5574
     assert C.class_counts(examples) == {"ham": 4827, "spam": 747}
 
 
 def test_balancing_and_split_sizes():
-    examples = C.load_sms_examples("sms-spam")
+    examples = S.load_sms_examples("sms-spam")
     balanced = C.balance_classes(examples)
     assert C.class_counts(balanced) == {"ham": 747, "spam": 747}
     parts = C.split_examples(balanced)
@@ -33,7 +35,7 @@ def test_balancing_and_split_sizes():
     texts = [e.text for part in parts.values() for e in part]
     assert sorted(texts) == sorted(e.text for e in balanced)
     # A fixed seed: the same split every time.
-    again = C.split_examples(C.balance_classes(C.load_sms_examples("sms-spam")))
+    again = C.split_examples(C.balance_classes(S.load_sms_examples("sms-spam")))
     assert [e.text for e in again["test"]] == [e.text for e in parts["test"]]
 
 
@@ -55,12 +57,12 @@ def test_malformed_sms_file_names_the_problem(tmp_path, text, fragment):
     path = tmp_path / "bad.txt"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=fragment):
-        C.load_sms_examples(f"file:{path}")
+        S.load_sms_examples(f"file:{path}")
 
 
 def test_wrong_kind_of_data_source_is_refused():
     with pytest.raises(DataError, match="not a labelled SMS"):
-        C.load_sms_examples("tinyshakespeare")
+        S.load_sms_examples("tinyshakespeare")
 
 
 def test_pad_or_truncate_and_last_token_index():
@@ -116,8 +118,30 @@ import shutil  # noqa: E402
 
 from core.lab import runs  # noqa: E402
 from core.gpt.model import GPT, GPTConfig  # noqa: E402
-from core.lab.models import save_model_run
+from core.lab.models import save_model_run  # noqa: E402
 from core.gpt.tokenizers import train_char  # noqa: E402
+
+
+@contextlib.contextmanager
+def as_command_line():
+    """As inside `python -m core`: runs created outside a job record their own end."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "_command_line", getattr(runs, "_command_line", False))
+        runs.started_from_command_line()
+        yield
+
+
+def fine_tune(run_id, start=None, train_config=None, progress=None, **settings):
+    """Stage 5 as `python -m core classify` runs it: the stage, then the run's end recorded."""
+    with as_command_line():
+        try:
+            result = S.run(S.Settings(start=start, run_id=run_id, **settings), progress=progress,
+                           train_config=train_config)
+        except BaseException as e:
+            runs.finish_runs_started_here(error=str(e))
+            raise
+        runs.finish_runs_started_here(stopped=bool(result.get("stopped")))
+    return result
 
 TINY = dict(context_length=48, n_embd=32, n_head=2, n_layer=2)
 
@@ -170,14 +194,14 @@ def test_prediction_reads_the_last_real_token_only():
 
 
 def small_sms_data(tokenizer, length=24):
-    ex = C.balance_classes(C.load_sms_examples("sms-spam"))
+    ex = C.balance_classes(S.load_sms_examples("sms-spam"))
     parts = C.split_examples(ex)
     splits = {k: C.encode_examples(v, tokenizer, length) for k, v in parts.items()}
     return C.SmsData(splits, length, C.pad_id_for(tokenizer))
 
 
 def test_task_batches_are_deterministic_packed_and_trimmed():
-    tokenizer = train_char(C.load_sms_examples.__doc__ + "abcdefghijklmnopqrstuvwxyz0123456789")
+    tokenizer = train_char(S.load_sms_examples.__doc__ + "abcdefghijklmnopqrstuvwxyz0123456789")
     task = C.ClassificationTask(small_sms_data(tokenizer))
     x1, y1 = task.get_batch("train", 7, 8, torch.Generator().manual_seed(1))
     x2, y2 = task.get_batch("train", 7, 8, torch.Generator().manual_seed(99))
@@ -194,7 +218,7 @@ def test_task_batches_are_deterministic_packed_and_trimmed():
 
 
 def make_start_run(run_id="start"):
-    tokenizer = train_char("".join(e.text for e in C.load_sms_examples("sms-spam")))
+    tokenizer = train_char("".join(e.text for e in S.load_sms_examples("sms-spam")))
     model = tiny_model(tokenizer.vocab_size, seed=1)
     runs.create_run(run_id, "pretrain", {"data": "sms-spam"})
     save_model_run(run_id, model, tokenizer)
@@ -212,7 +236,7 @@ def trained(tmp_path_factory):
         mp.setenv("GLASSBOX_CHECKPOINTS_DIR", str(root))
         mp.setenv("GLASSBOX_DATA_DIR", os.environ.get("GLASSBOX_DATA_DIR") or str(SHARED_DATA))
         make_start_run()
-        headline = C.fine_tune("spam", "start", freeze="all",
+        headline = fine_tune("spam", "start", freeze="all",
                                train_config=C.default_train_config(max_steps=30, **FAST))
     return root, headline
 
@@ -249,41 +273,41 @@ def test_fine_tune_loss_falls_and_results_are_written(with_runs):
 
 
 def test_saved_classifier_loads_and_reproduces_test_accuracy(with_runs):
-    model, tokenizer, config = C.load_classifier_run("spam")
+    model, tokenizer, config = S.load_classifier_run("spam")
     assert model.lm_head.out_features == 2
-    data = C.prepare_sms_data(tokenizer, 48, max_length=config["classifier"]["pad_length"])
+    data = S.prepare_sms_data(tokenizer, 48, max_length=config["classifier"]["pad_length"])
     result = C.evaluate_split(model, data.splits["test"])
     assert abs(result["accuracy"] - with_runs["test_accuracy"]) < 1e-4
 
 
 def test_classify_text_gives_probabilities_that_sum_to_one(with_runs):
-    probs = C.classify_text("spam", "WINNER!! Call 09061701461 now to claim your £900 prize")
+    probs = S.classify_text("spam", "WINNER!! Call 09061701461 now to claim your £900 prize")
     assert set(probs) == {"ham", "spam"}
     assert abs(sum(probs.values()) - 1) < 1e-5 and all(0 <= p <= 1 for p in probs.values())
-    long = C.classify_message("spam", "see you at the station later " * 10)
+    long = S.classify_message("spam", "see you at the station later " * 10)
     assert long["truncated"] and long["used_tokens"] == 48 and long["tokens"] == 290
     assert abs(sum(long["probabilities"].values()) - 1) < 1e-5
     with pytest.raises(DataError, match="Type a message"):
-        C.classify_text("spam", "   ")
+        S.classify_text("spam", "   ")
     with pytest.raises(GlassBoxError, match="not a classifier"):
-        C.classify_text("start", "hello")
+        S.classify_text("start", "hello")
 
 
 def test_wrong_start_runs_are_refused_clearly(with_runs):
     with pytest.raises(GlassBoxError, match="'classify' run"):
-        C.fine_tune("again", "spam", train_config=C.default_train_config(max_steps=1))
+        fine_tune("again", "spam", train_config=C.default_train_config(max_steps=1))
     with pytest.raises(GlassBoxError, match="no run 'missing'"):
-        C.fine_tune("again", "missing", train_config=C.default_train_config(max_steps=1))
+        fine_tune("again", "missing", train_config=C.default_train_config(max_steps=1))
     with pytest.raises(GlassBoxError, match="already exists"):
-        C.fine_tune("spam", "start", train_config=C.default_train_config(max_steps=1))
+        fine_tune("spam", "start", train_config=C.default_train_config(max_steps=1))
     with pytest.raises(GlassBoxError, match="longer than the model's context"):
-        C.fine_tune("again", "start", max_length=500, train_config=C.default_train_config(max_steps=1))
+        fine_tune("again", "start", max_length=500, train_config=C.default_train_config(max_steps=1))
     assert not runs.run_dir("again").exists()  # nothing half-made is left behind
 
 
 def test_random_start_keeps_shape_and_tokenizer_but_not_weights(with_runs):
-    pre, tok_pre = C.load_start_model("start")
-    rnd, tok_rnd = C.load_start_model(*C.parse_start("random:start"))
+    pre, tok_pre = S.load_start_model("start")
+    rnd, tok_rnd = S.load_start_model(*S.parse_start("random:start"))
     assert tok_pre.to_dict() == tok_rnd.to_dict()
     assert pre.config == rnd.config
     assert not torch.equal(pre.wte.weight, rnd.wte.weight)
@@ -291,18 +315,18 @@ def test_random_start_keeps_shape_and_tokenizer_but_not_weights(with_runs):
 
 def test_stop_and_resume_matches_a_straight_run(with_runs):
     config = dict(max_steps=8, **{**FAST, "eval_every": 4, "checkpoint_every": 4})
-    straight = C.fine_tune("straight", "start", freeze="last-block", max_length=16,
+    straight = fine_tune("straight", "start", freeze="last-block", max_length=16,
                            train_config=C.default_train_config(**config))
 
     def stop_at_4(record):
         if record.get("step") == 4:
             runs.request_stop("paused")
 
-    first = C.fine_tune("paused", "start", freeze="last-block", max_length=16, progress=stop_at_4,
+    first = fine_tune("paused", "start", freeze="last-block", max_length=16, progress=stop_at_4,
                         train_config=C.default_train_config(**config))
     assert first["stopped"] and first["steps"] == 4
     assert runs.read_status("paused")["state"] == "stopped"
-    resumed = C.fine_tune("paused", resume=True, train_config=C.default_train_config(**config))
+    resumed = fine_tune("paused", resume=True, train_config=C.default_train_config(**config))
     assert resumed["steps"] == 8 and not resumed["stopped"]
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], abs=1e-4)
 
@@ -327,7 +351,7 @@ def test_cli_prints_the_contract_keys(with_runs, capsys):
 
 def test_an_imported_gpt2_style_run_works_unchanged(isolated_workspace):
     """GPT-2's tokeniser (50,257 ids, end-of-text 50256 pads) and an 'import' run as the start."""
-    from core.gpt.tokenizers import gpt2_tokenizer
+    from core.lab.tokenizer_files import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
     torch.manual_seed(0)
@@ -335,12 +359,12 @@ def test_an_imported_gpt2_style_run_works_unchanged(isolated_workspace):
                           qkv_bias=True))
     runs.create_run("gpt2-like", "import", {"source": "test"})
     save_model_run("gpt2-like", model, tokenizer)
-    headline = C.fine_tune("gpt2-spam", "gpt2-like", freeze="head",
+    headline = fine_tune("gpt2-spam", "gpt2-like", freeze="head",
                            train_config=C.default_train_config(max_steps=2, **FAST))
     info = runs.open_run("gpt2-spam").config["classifier"]
     assert info["pad_id"] == 50256 and info["pad_length"] <= 64
     assert 0 <= headline["test_accuracy"] <= 1
-    assert abs(sum(C.classify_text("gpt2-spam", "Free tickets! Reply WIN").values()) - 1) < 1e-5
+    assert abs(sum(S.classify_text("gpt2-spam", "Free tickets! Reply WIN").values()) - 1) < 1e-5
 
 
 def test_cli_choices_match_the_core_module():

@@ -9,6 +9,20 @@ import torch
 from core.gpt.errors import GlassBoxError, TokenizerError
 from core.lab.errors import DataError
 from core.gpt import instruct as ins
+from core.stages import instruct as stage
+
+
+def run_instruct(run_id, start, config, resume=False, **settings):
+    """Stage 6 as `python -m core instruct` runs it: the stage, then the run's end recorded."""
+    from core.lab import runs
+
+    with pytest.MonkeyPatch.context() as mp:  # as inside `python -m core`
+        mp.setattr(runs, "_command_line", getattr(runs, "_command_line", False))
+        runs.started_from_command_line()
+        result = stage.run(stage.Settings(start=start, run_id=run_id, resume=resume, **settings),
+                           train_config=config)
+        runs.finish_runs_started_here(stopped=bool(result.get("stopped")))
+    return result
 
 SHARED_DATA = os.environ.get("GLASSBOX_DATA_DIR") or "/work/shared/data"
 # conftest.py gives every test empty checkpoints/ and data/ folders and finds the shared data.
@@ -52,7 +66,7 @@ def test_prompt_without_input_has_no_input_section():
 # --- data and split -------------------------------------------------------------------------
 
 def test_registry_data_splits_like_the_book():
-    records = ins.load_instruction_data("instruction-data")
+    records = stage.load_instruction_data("instruction-data")
     assert len(records) == 1100
     splits = ins.split_records(records)
     assert {k: len(v) for k, v in splits.items()} == {"train": 935, "test": 110, "val": 55}
@@ -91,7 +105,7 @@ def test_data_from_a_local_file(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps([RECORD, {"instruction": "x"}]))
     with pytest.raises(DataError, match="Record 1"):
-        ins.load_instruction_data(f"file:{path}")
+        stage.load_instruction_data(f"file:{path}")
 
 
 # --- encoding and collate -------------------------------------------------------------------
@@ -202,11 +216,11 @@ def test_tiny_model_learns_the_format_and_writes_responses(tmp_path):
     from core.gpt.train import TrainConfig
 
     make_start_run()
-    settings = ins.InstructSettings(data=toy_data_file(tmp_path), eval_limit=3, max_new_tokens=10,
-                                    mask_prompt=True)  # grading the answer only: learnt in 40 steps
+    settings = dict(data=toy_data_file(tmp_path), eval_limit=3, max_new_tokens=10,
+                    mask_prompt=True)  # grading the answer only: learnt in 40 steps
     config = TrainConfig(max_steps=40, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                          eval_every=20, sample_every=20, log_every=5, checkpoint_every=100)
-    result = ins.run_instruct("tuned", "start", settings, config)
+    result = run_instruct("tuned", "start", config, **settings)
 
     metrics = runs.open_run("tuned").metrics()
     assert metrics[-1]["train_loss"] < 0.5 * metrics[0]["train_loss"]  # the loss falls
@@ -268,7 +282,7 @@ def test_start_run_must_be_a_language_model(tmp_path):
 
     runs.create_run("tok", "tokenizer", {})
     with pytest.raises(RunError, match="pre-trained"):
-        ins.load_start_model("tok")
+        stage.load_start_model("tok")
 
 
 def test_empty_instruction_is_refused():
@@ -282,17 +296,17 @@ def test_stop_and_resume(tmp_path, monkeypatch):
     from core.gpt.train import TrainConfig
 
     make_start_run()
-    settings = ins.InstructSettings(data=toy_data_file(tmp_path), eval_limit=2, max_new_tokens=4)
+    settings = dict(data=toy_data_file(tmp_path), eval_limit=2, max_new_tokens=4)
     config = TrainConfig(max_steps=10, batch_size=4, lr=1e-3, warmup_steps=2, eval_every=5,
                          sample_every=5, log_every=1, checkpoint_every=100)
     # as inside a background job: the id is reserved first, and Stop was pressed at once
     monkeypatch.setenv(runs.JOB_RUN_ID_ENV, "r")
     runs.reserve_run("r")
     runs.request_stop("r")
-    stopped = ins.run_instruct("r", "start", settings, config)
+    stopped = run_instruct("r", "start", config, **settings)
     assert stopped["stopped"] and stopped["format_rate_tuned"] is None
     assert not (runs.run_dir("r") / "responses.json").exists()
     runs.clear_stop("r")
-    done = ins.run_instruct("r", "start", settings, config, resume=True)
+    done = run_instruct("r", "start", config, resume=True, **settings)
     assert done["steps"] == 10 and not done["stopped"]
     assert (runs.run_dir("r") / "responses.json").exists()

@@ -13,7 +13,7 @@ from core.gpt.model import GPT, GPTConfig
 from core.lab.models import save_model_run
 from core.gpt import classify as C
 from core.gpt.tokenizers import train_char
-from core.gpt.train import model_tensors
+from core.lab.models import model_tensors
 from tests.page_helpers import all_text, run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "5_Classification.py")

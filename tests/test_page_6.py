@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.lab import runs
 from core.gpt import instruct as ins
+from core.stages import instruct as stage
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Instructions.py")
 
@@ -41,10 +42,14 @@ def finished_run(tmp_path):
     save_model_run("start", GPT(preset_config("tiny", tokenizer.vocab_size)), tokenizer)
     data = tmp_path / "toy.json"
     data.write_text(json.dumps(TOY_RECORDS))
-    settings = ins.InstructSettings(data=f"file:{data}", eval_limit=3, max_new_tokens=4)
     config = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, eval_every=3, sample_every=3,
                          log_every=1, checkpoint_every=10)
-    ins.run_instruct("tuned", "start", settings, config)  # writes status "finished" itself
+    settings = stage.Settings(start="start", run_id="tuned", data=f"file:{data}", eval_limit=3, max_new_tokens=4)
+    with pytest.MonkeyPatch.context() as mp:  # as `python -m core instruct` runs it
+        mp.setattr(runs, "_command_line", getattr(runs, "_command_line", False))
+        runs.started_from_command_line()
+        stage.run(settings, train_config=config)
+        runs.finish_runs_started_here()
     return "tuned"
 
 
@@ -109,3 +114,18 @@ def test_own_instruction_empty_and_answered(finished_run):
     text = all_markdown(at)
     assert "Name a &lt;colour&gt;." in text
     assert ">you</td>" in text
+
+
+def test_a_blank_line_in_a_model_answer_stays_inside_the_table(finished_run):
+    """Markdown ends a raw HTML block at an empty line: an answer with one must not spill the table."""
+    path = runs.run_dir(finished_run) / "responses.json"
+    responses = json.loads(path.read_text())
+    responses[0]["tuned_response"] = "First line.\n\n<b>Second</b> line\n\n\nthird"
+    responses[0]["output"] = "Reference\n\nwith a gap"
+    path.write_text(json.dumps(responses))
+    at = page().run()
+    assert not at.exception, at.exception
+    table = next(m.value for m in at.markdown if m.value.startswith("<table"))
+    assert "\n" not in table and table.endswith("</table>")
+    assert "First line.<br><br>&lt;b&gt;Second&lt;/b&gt; line<br><br><br>third" in table
+    assert "Reference<br><br>with a gap" in table

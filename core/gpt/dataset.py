@@ -121,3 +121,19 @@ def next_token_pairs(ids, start: int, context_length: int) -> list[tuple[list[in
     inputs, targets = dataset[start]
     inputs, targets = inputs.tolist(), targets.tolist()
     return [(inputs[: t + 1], targets[t]) for t in range(context_length)]
+
+
+def epoch_batch(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The item indices of batch `step` when training passes (epochs) over `n` items.
+
+    Batches follow each other without gaps: batch `step` holds positions `step * batch_size` up to
+    the next batch's first, counted through the passes. Each pass visits every item once, in its
+    own shuffled order `randperm(n)` seeded with `seed + pass`. The batch depends only on
+    `(n, step, batch_size, seed)`, so a resumed run draws exactly the batches it would have drawn.
+    """
+    if n < 1 or batch_size < 1:
+        raise DataError(f"Cannot draw batches of {batch_size} from {n} items.")
+    first, last = step * batch_size, (step + 1) * batch_size - 1
+    orders = {p: torch.randperm(n, generator=torch.Generator().manual_seed(seed + p)).tolist()
+              for p in range(first // n, last // n + 1)}
+    return [orders[position // n][position % n] for position in range(first, last + 1)]

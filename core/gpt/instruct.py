@@ -23,22 +23,20 @@ and train it with the same next-token loss as in stage 4. What the learner sees 
   of the tuned model, and a **format-following rate** — the share of answers that are non-empty,
   end with end-of-text before the token budget runs out, and do not echo the template.
 
-The run stores `responses.json` (one record per test instruction, both models' answers) and
-`format_rates.json`; stage 7 asks a judge to score those responses.
+Reading the data file and writing the run (`responses.json`, one record per test instruction
+with both models' answers, and `format_rates.json`, which stage 7's judge reads) is the stage's
+job: `core/stages/instruct.py`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from core.gpt.errors import GlassBoxError, TokenizerError, TrainingError
-from core.lab.errors import DataError
+from core.gpt.dataset import epoch_batch
+from core.gpt.errors import DataError, GlassBoxError, TokenizerError, TrainingError
 from core.gpt.train import TrainTask
 
 # ---------------------------------------------------------------------------------------------
@@ -89,21 +87,6 @@ def parse_instruction_records(text: str, origin: str = "the instruction data") -
             raise DataError(f"Record {number} of {origin} has an empty instruction or output.")
         cleaned.append({name: record[name] for name in REQUIRED_FIELDS})
     return cleaned
-
-
-def load_instruction_data(source: str = "instruction-data") -> list[dict]:
-    """The records of a registry source (e.g. `instruction-data`) or of `file:<path>` JSON."""
-    if source.startswith("file:"):
-        path = Path(source[len("file:"):])
-    else:
-        from core.lab import data  # the registry finds (or explains how to get) the file
-
-        path = data.locate(source)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"Cannot read the instruction data {path}: {exc}") from None
-    return parse_instruction_records(text, origin=f"'{source}'")
 
 
 def format_prompt(entry: dict) -> str:
@@ -301,7 +284,6 @@ def generate_answer(model, tokenizer, entry: dict, max_new_tokens: int = 128,
     was_training = model.training
     model.eval()
     try:
-        # (GPT.generate decodes small models on one thread: see SINGLE_THREAD_DECODE_BELOW)
         new_ids = _generate_ids(model, tokenizer.encode(format_prompt(entry)),
                                 max_new_tokens, eot_id, temperature, top_k, top_p)
     finally:
@@ -315,15 +297,15 @@ def generate_answer(model, tokenizer, entry: dict, max_new_tokens: int = 128,
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The training task for the shared loop (core/train.py)
+# 4. The training task for the shared loop (core/gpt/train.py)
 # ---------------------------------------------------------------------------------------------
 
 class InstructionTask(TrainTask):
     """What stage 6 changes in the shared loop: the batches (template + collate) and the samples.
 
-    Batches are a function of the step alone: the training set is shuffled once per epoch with
-    `seed + epoch`, and step `s` takes the next `batch_size` examples of that order. So a resumed
-    run sees exactly the batches it would have seen without the interruption.
+    Batches are a function of the step alone (`core.gpt.dataset.epoch_batch`): each pass over the
+    training set has its own shuffled order, and step `s` takes the next `batch_size` examples of
+    it. So a resumed run sees exactly the batches it would have seen without the interruption.
     """
 
     def __init__(self, tokenizer, splits: dict[str, list[dict]], context_length: int,
@@ -347,19 +329,10 @@ class InstructionTask(TrainTask):
                                     context_length=self.context_length,
                                     mask_prompt=self.mask_prompt)
 
-    def _epoch_order(self, split: str, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.encoded[split]), generator=g).tolist()
-
     def get_batch(self, split, step, batch_size, generator=None):
+        """Batch `step`: the next `batch_size` examples of this pass's shuffled order."""
         examples = self.encoded[split]
-        n = len(examples)
-        picked = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
-            epoch, offset = divmod(position, n)
-            if offset == 0 or not picked:  # a new epoch (or the first pick): its order
-                order = self._epoch_order(split, epoch)
-            picked.append(examples[order[offset]])
+        picked = [examples[i] for i in epoch_batch(len(examples), step, batch_size, self.seed)]
         return self.collate(picked)  # (B, T), (B, T)
 
     def loss(self, model, inputs, targets):
@@ -395,13 +368,8 @@ class InstructionTask(TrainTask):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Side by side on the test split, and the whole stage as one call
+# 5. Side by side: both models' answers to the same instructions
 # ---------------------------------------------------------------------------------------------
-
-RESPONSES_FILE = "responses.json"          # what stage 7 reads
-FORMAT_RATES_FILE = "format_rates.json"
-BASE_ANSWERS_FILE = "base_answers.json"    # the starting model's answers, kept for resume
-
 
 def answer_all(model, tokenizer, records: list[dict], max_new_tokens: int,
                progress=None, label: str = "model") -> list[Answer]:
@@ -414,12 +382,12 @@ def answer_all(model, tokenizer, records: list[dict], max_new_tokens: int,
     return answers
 
 
-def _answer_to_dict(answer: Answer) -> dict:
+def answer_to_dict(answer: Answer) -> dict:
     return {"text": answer.text, "stopped": answer.stopped, "new_tokens": answer.new_tokens,
             "problems": answer.problems}
 
 
-def _answer_from_dict(d: dict) -> Answer:
+def answer_from_dict(d: dict) -> Answer:
     return Answer(text=d["text"], stopped=d["stopped"], new_tokens=d["new_tokens"],
                   problems=list(d["problems"]))
 
@@ -438,189 +406,6 @@ def side_by_side(records: list[dict], base: list[Answer], tuned: list[Answer]) -
     ]
 
 
-def read_responses(run_id: str) -> list[dict]:
-    """The side-by-side records saved by a finished instruction run ([] if none yet)."""
-    from core.lab import runs
-
-    path = runs.run_dir(run_id) / RESPONSES_FILE
-    return runs.read_json(path) if path.exists() else []
-
-
-def read_format_rates(run_id: str) -> dict | None:
-    from core.lab import runs
-
-    path = runs.run_dir(run_id) / FORMAT_RATES_FILE
-    return runs.read_json(path) if path.exists() else None
-
-
-@dataclass
-class InstructSettings:
-    """Everything `run_instruct` needs besides the run ids (stored in the run's config.json)."""
-
-    data: str = "instruction-data"
-    mask_prompt: bool = False
-    eval_limit: int | None = None      # answer only the first N test instructions (None: all)
-    max_new_tokens: int = 96           # token budget per answer in the side-by-side
-    split_seed: int | None = None      # None: the book's sequential split
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def suggested_lr(start_run: str) -> float:
-    """A peak learning rate that suits the starting model.
-
-    Small models trained here from scratch take the rate they were pre-trained with (1e-3);
-    GPT-2-sized models forget what they know at that rate, so they get the book's 5e-5.
-    """
-    from core.lab import runs
-
-    model_config = runs.open_run(start_run).config.get("model") or {}
-    return 5e-5 if model_config.get("n_embd", 0) >= 768 else 1e-3
-
-
-def load_start_model(run_id: str):
-    """A language model to start from: a stage-4 (pretrain) run or an imported GPT-2."""
-    from core.lab import runs
-    from core.lab.errors import RunError
-    from core.lab.models import load_model_run
-
-    run = runs.open_run(run_id)
-    if run.stage not in ("pretrain", "import", "instruct"):
-        raise RunError(
-            f"Run {run_id!r} is a {run.stage!r} run; start instruction tuning from a pre-trained "
-            "(stage 4) run or an imported GPT-2."
-        )
-    model, tokenizer, config = load_model_run(run_id)
-    require_end_of_text(tokenizer)
-    return model, tokenizer
-
-
-def run_instruct(run_id: str, from_run: str, settings: InstructSettings, train_config,
-                 resume: bool = False, device=None, progress=None) -> dict:
-    """Stage 6 end to end: answers of the start model, tuning, answers of the tuned model.
-
-    Writes into `checkpoints/<run_id>/`: the usual training files (metrics, samples, weights,
-    resume state), `base_answers.json`, and — once training ends without a stop request —
-    `responses.json` and `format_rates.json`. Returns the headline figures.
-    """
-    from core.lab import runs
-    from core.lab.models import save_model_run
-
-    started = time.time()
-    model, tokenizer = load_start_model(from_run)
-    if device is not None:
-        model.to(device)
-    splits = split_records(load_instruction_data(settings.data), seed=settings.split_seed)
-    test = splits["test"][: settings.eval_limit] if settings.eval_limit else splits["test"]
-    if settings.max_new_tokens < 1:
-        raise GlassBoxError("The token budget per answer must be at least 1.")
-
-    config = {"from": from_run, "instruct": settings.to_dict(),
-              "train": train_config.to_dict(),
-              "model": model.config.to_dict(), "tokenizer": getattr(tokenizer, "kind", None),
-              "splits": {name: len(part) for name, part in splits.items()}}
-    runs.create_run(run_id, "instruct", config, parent=from_run, resume=resume)
-    folder = runs.run_dir(run_id)
-    if not resume or not (folder / "model.safetensors").exists():
-        save_model_run(run_id, model, tokenizer)  # tokenizer.json + start weights (overwritten)
-
-    # Inside a background job the job reports the state; run from a shell, we do it ourselves.
-    standalone = os.environ.get(runs.JOB_RUN_ID_ENV) != run_id
-    if standalone:
-        runs.write_status(run_id, "running", message="Instruction tuning…", pid=os.getpid())
-    try:
-        result = _tune_and_compare(run_id, from_run, model, tokenizer, splits, test, settings,
-                                   train_config, resume, device, progress)
-    except BaseException as exc:
-        if standalone:
-            runs.write_status(run_id, "failed", error=str(exc), message=str(exc))
-        raise
-    result["seconds"] = round(time.time() - started, 1)
-    if standalone:
-        state = "stopped" if result["stopped"] else "finished"
-        runs.clear_stop(run_id)
-        runs.write_status(run_id, state, message=state.capitalize() + ".", result=result)
-    return result
-
-
-def _tune_and_compare(run_id, from_run, model, tokenizer, splits, test, settings, train_config,
-                      resume, device, progress) -> dict:
-    from core.lab import runs
-    from core.gpt.train import train
-
-    say = progress or (lambda message: None)
-    folder = runs.run_dir(run_id)
-
-    # 1. the starting model on the test split (kept, so a resumed run needn't redo it)
-    base_file = folder / BASE_ANSWERS_FILE
-    base_saved = runs.read_json(base_file) if base_file.exists() else None
-    if base_saved and base_saved.get("n") == len(test) and \
-            base_saved.get("max_new_tokens") == settings.max_new_tokens:
-        base_answers = [_answer_from_dict(d) for d in base_saved["answers"]]
-    else:
-        say(f"Answering {len(test)} test instructions with the starting model {from_run} …")
-        base_answers = answer_all(model, tokenizer, test, settings.max_new_tokens, say, "start")
-        runs.write_json_atomic(base_file, {
-            "n": len(test), "max_new_tokens": settings.max_new_tokens,
-            "format_rate": format_rate([a.follows_format for a in base_answers]),
-            "answers": [_answer_to_dict(a) for a in base_answers]})
-    rate_start = format_rate([a.follows_format for a in base_answers])
-    say(f"Format-following rate of the starting model: {rate_start:.0%}")
-
-    # 2. instruction tuning with the shared loop
-    task = InstructionTask(tokenizer, splits, model.config.context_length,
-                           mask_prompt=settings.mask_prompt, seed=train_config.seed,
-                           sample_tokens=min(64, settings.max_new_tokens))
-    summary = train(run_id, model, task, train_config, resume=resume, device=device,
-                    progress=progress)
-    result = {"run_id": run_id, "steps": summary.get("steps"),
-              "train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss"),
-              "format_rate_start": rate_start, "format_rate_tuned": None,
-              "stopped": bool(summary.get("stopped"))}
-    if result["stopped"]:
-        say("Stopped: resume the run to finish tuning and to compare the answers.")
-        return result
-
-    # 3. the tuned model on the same test instructions, side by side with the start
-    say(f"Answering {len(test)} test instructions with the tuned model …")
-    tuned_answers = answer_all(model, tokenizer, test, settings.max_new_tokens, say, "tuned")
-    rate_tuned = format_rate([a.follows_format for a in tuned_answers])
-    runs.write_json_atomic(folder / RESPONSES_FILE, side_by_side(test, base_answers, tuned_answers))
-    runs.write_json_atomic(folder / FORMAT_RATES_FILE, {
-        "start": rate_start, "tuned": rate_tuned, "n": len(test),
-        "max_new_tokens": settings.max_new_tokens, "from": from_run,
-        "rules": "non-empty; ends with end-of-text before the token budget; no template echo"})
-    say(f"Format-following rate: start {rate_start:.0%} → tuned {rate_tuned:.0%}")
-    result["format_rate_tuned"] = rate_tuned
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. For the page: the two models of a run, and one instruction answered by both
-# ---------------------------------------------------------------------------------------------
-
-def load_comparison_models(run_id: str, device=None):
-    """(start model, tuned model, tokenizer) of an instruction run, both in eval mode."""
-    from core.lab import runs
-    from core.lab.errors import RunError
-    from core.lab.models import load_model_run
-
-    run = runs.open_run(run_id)
-    if run.stage != "instruct":
-        raise RunError(f"Run {run_id!r} is not an instruction-tuning run.")
-    if not run.has_weights():
-        raise RunError(f"Run {run_id!r} has no weights yet: wait for its first checkpoint.")
-    start_id = run.config.get("from") or run.parent
-    try:
-        base_model, _, _ = load_model_run(start_id, device=device)
-    except RunError as e:
-        raise RunError(f"The starting run {start_id!r} of {run_id!r} cannot be opened: {e}") from None
-    tuned_model, tokenizer, _ = load_model_run(run_id, device=device)
-    require_end_of_text(tokenizer)
-    return base_model, tuned_model, tokenizer
-
-
 def answer_both(base_model, tuned_model, tokenizer, entry: dict, max_new_tokens: int = 96,
                 temperature: float = 0.0, top_k: int | None = None) -> dict[str, Answer]:
     """One instruction answered by the starting and the tuned model, with the same settings."""
@@ -629,3 +414,12 @@ def answer_both(base_model, tuned_model, tokenizer, entry: dict, max_new_tokens:
     return {name: generate_answer(model, tokenizer, entry, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_k=top_k)
             for name, model in (("base", base_model), ("tuned", tuned_model))}
+
+
+def suggested_lr(n_embd: int) -> float:
+    """A peak learning rate that suits the starting model's width.
+
+    Small models trained here from scratch take the rate they were pre-trained with (1e-3);
+    GPT-2-sized models forget what they know at that rate, so they get the book's 5e-5.
+    """
+    return 5e-5 if n_embd >= 576 else 1e-3
