@@ -6,7 +6,7 @@ every page. Each page is a thin script in `pages/`; everything it computes comes
 
 import streamlit as st
 
-from pages._ui import STAGES, configure_app_threads, job_sidebar
+from pages._ui import BEYOND, STAGES, configure_app_threads, job_sidebar
 
 st.set_page_config(page_title="Glass Box LLM", page_icon="🔍", layout="wide")
 
@@ -15,7 +15,10 @@ stage_pages = [st.Page(s.file, title=f"{s.number}. {s.title}", icon=s.icon)
                for s in STAGES]
 # URL paths are Streamlit's own, from the file names (/Tokenisation, ...): custom lowercase
 # paths made a deep link's first load flash "Page not found", as pages/ is also scanned by name.
-navigation = st.navigation({"Glass Box LLM": [home], "Build a GPT, stage by stage": stage_pages})
+preference, chat = (st.Page(p.file, title=p.title, icon=p.icon) for p in BEYOND)
+stage_pages.insert(6, preference)  # between instruction tuning and the judge, marked "beyond"
+navigation = st.navigation({"Glass Box LLM": [home], "Build a GPT, stage by stage": stage_pages,
+                            "Use your model": [chat]})
 
 configure_app_threads()
 job_sidebar()

@@ -9,11 +9,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.lab import jobs, runs
-from pages._ui import STAGES
+from pages._ui import BEYOND, STAGES
 
 REPO = Path(__file__).resolve().parent.parent
-PAGE_FILES = ["pages/home.py"] + [s.file for s in STAGES]
-STAGE_FILES = [s.file for s in STAGES]  # home is tested through app.py (its links need the navigation)
+PAGE_FILES = ["pages/home.py"] + [s.file for s in STAGES + BEYOND]
+STAGE_FILES = [s.file for s in STAGES + BEYOND]  # home is tested through app.py (its links need the navigation)
 
 
 def test_core_never_imports_streamlit_in_source():
@@ -60,6 +60,10 @@ def test_app_navigation_and_sidebar_render():
         at.switch_page(stage.file).run()
         assert not at.exception, (stage.file, [e.value for e in at.exception])
         assert f"Stage {stage.number}" in at.title[0].value
+    for extra in BEYOND:  # and the pages beyond the seven stages
+        at.switch_page(extra.file).run()
+        assert not at.exception, (extra.file, [e.value for e in at.exception])
+        assert at.title, extra.file
 
 
 def test_home_shows_stages_machine_and_runs():

@@ -45,6 +45,16 @@ STAGES = [
 ]
 
 
+# Pages that go beyond the seven stages: listed after the stage they extend.
+BEYOND = [
+    Stage(6, "Preference tuning (DPO) — beyond the seven", "pages/6b_Preference.py", "🤝",
+          "Two answers per instruction, one preferred: DPO raises the preferred one against a frozen copy.",
+          ("prefer",)),
+    Stage(8, "Chat with your model", "pages/8_Chat.py", "🗨️",
+          "Talk to an instruction-tuned or imported model; see the exact prompt its chat template builds.", ()),
+]
+
+
 def page_header(number: int, why: str) -> None:
     stage = STAGES[number - 1]
     st.title(f"{stage.icon} Stage {number}: {stage.title}")
