@@ -120,8 +120,8 @@ def fit_to_context(messages: list[dict], count_tokens: Callable[[list[dict]], in
         while len(rest) > 1 and rest[0]["role"] != "user":  # a turn starts with the user
             rest, dropped = rest[1:], dropped + 1
     if count_tokens(system + rest) > budget:
-        raise ChatError(f"The last message alone is longer than the {budget} tokens the context window "
-                        "leaves for the prompt: shorten it.")
+        raise ChatError(f"The last message, written in the chat template, is longer than the {budget} "
+                        "tokens the context window leaves for the prompt: shorten it.")
     return system + rest, dropped
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from starlette.applications import Starlette
@@ -36,6 +37,7 @@ from starlette.routing import Route
 from core.gpt import chat
 from core.gpt.errors import GlassBoxError
 from core.gpt.generate import KVCache
+from core.gpt.microscope import kv_cache_bytes
 from core.lab import models
 
 MAX_BODY_BYTES = 1_000_000
@@ -267,40 +269,59 @@ class Engine:
             self._indexes[key] = outlines_core.Index(regex, self._vocabulary)
         return JsonConstraint(outlines_core.Guide(self._indexes[key]), self.eos_id)
 
-    def generate(self, request: ChatRequest, emit, cancel: threading.Event) -> dict:
-        """Run one reply (in a worker thread), calling `emit(text)` for each new piece of text.
-        Returns the counts and timings of the reply."""
+    def replies(self, request: ChatRequest, cancel: threading.Event | None = None,
+                stats: dict | None = None) -> Iterator[str]:
+        """The reply, piece by piece, as it is generated. `stats` (a dict) is kept up to date:
+        tokens, KV-cache length and bytes, time to first token, tokens/s, finish reason."""
+        stats = {} if stats is None else stats
         max_tokens = request.max_tokens or min(DEFAULT_MAX_TOKENS, self.context_length // 2)
         ids, dropped = self.prompt(request.messages, max_tokens)
         constraint = self.constraint(request.schema) if request.schema is not None else None
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed % 2**63)
         stream = chat.TextStream(self.tokenizer, self.template.stop + request.stop)
-        started, first, n, finish = time.perf_counter(), None, 0, "length"
         cache = KVCache(self.model.config, 1, self.model.wte.weight.device, self.model.wte.weight.dtype)
+        stats.update(prompt_tokens=len(ids), completion_tokens=0, finish_reason="length", dropped_messages=dropped,
+                     seed=seed, context_length=self.context_length, time_to_first_token_s=None, tokens_per_s=None)
+        started = time.perf_counter()
         with models.generation_threads(self.model):
             for token in chat.stream_reply(self.model, ids, max_tokens, request.temperature, request.top_k,
                                            request.top_p, self.stop_ids, generator,
                                            constraint.allowed if constraint else None, cache):
-                n += 1
-                first = first if first is not None else time.perf_counter() - started
+                _count(stats, started, cache)
                 if token in self.stop_ids:
-                    finish = "stop"
+                    stats["finish_reason"] = "stop"
                     break
                 if constraint is not None:
                     constraint.advance(token)
-                emit(stream.push(token))
+                yield stream.push(token)
                 if stream.stopped or (constraint is not None and constraint.finished):
-                    finish = "stop"
+                    stats["finish_reason"] = "stop"
                     break
-                if cancel.is_set():
+                if cancel is not None and cancel.is_set():
+                    stats["finish_reason"] = "cancelled"
                     break
-        emit(stream.finish())
-        seconds = time.perf_counter() - started
-        return {"prompt_tokens": len(ids), "completion_tokens": n, "finish_reason": finish,
-                "dropped_messages": dropped, "time_to_first_token_s": round(first or 0.0, 4),
-                "seconds": round(seconds, 4), "seed": seed,
-                "tokens_per_s": round((n - 1) / (seconds - first), 2) if n > 1 and seconds > first else None}
+        yield stream.finish()
+        stats["seconds"] = round(time.perf_counter() - started, 4)
+
+    def generate(self, request: ChatRequest, emit, cancel: threading.Event) -> dict:
+        """Run one reply (in the server's worker thread), calling `emit(text)` for each piece."""
+        stats: dict = {}
+        for piece in self.replies(request, cancel, stats):
+            emit(piece)
+        return stats
+
+
+def _count(stats: dict, started: float, cache: KVCache) -> None:
+    """One more token: its timing, and what the KV cache now holds."""
+    now = time.perf_counter() - started
+    stats["completion_tokens"] += 1
+    if stats["time_to_first_token_s"] is None:
+        stats["time_to_first_token_s"] = round(now, 4)
+    elif now > stats["time_to_first_token_s"]:
+        stats["tokens_per_s"] = round((stats["completion_tokens"] - 1) / (now - stats["time_to_first_token_s"]), 2)
+    stats["kv_cache_tokens"] = cache.length
+    stats["kv_cache_bytes"] = kv_cache_bytes(cache)
 
 
 # ---------------------------------------------------------------------------- the HTTP side
