@@ -76,7 +76,7 @@ source_kind = st.radio("Answers from", ["A stage-6 run", "A data set"], horizont
                        index=0 if answer_runs else 1, key="judge_source_kind")
 source = {}
 if source_kind == "A stage-6 run" and answer_runs:
-    source = {"run": st.selectbox("Stage-6 run", answer_runs, key="judge_source_run")}
+    source = {"run": st.selectbox("Run with answers (stage 6, or DPO)", answer_runs, key="judge_source_run")}
 elif source_kind == "A stage-6 run":
     st.info("No instruction-tuned run with answers yet: finish stage 6 first, or judge a data set.")
 else:

@@ -26,13 +26,6 @@ from tests.fake_openai_server import GOOD_SINGLE, FakeOpenAIServer, free_port
 
 SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
 
-
-@pytest.fixture(autouse=True)
-def judge_on_loopback(monkeypatch):
-    """The fake judge listens on 127.0.0.1: allowed here through the server setting (issue 22)."""
-    monkeypatch.setenv("GLASSBOX_JUDGE_ALLOW_HOSTS", "loopback")
-    for name in ("GLASSBOX_JUDGE_ENDPOINTS", "GLASSBOX_JUDGE_KEY_URL", "GLASSBOX_JUDGE_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
 BAD = json.dumps({"criteria": {"correctness": 5}, "score": 150, "rationale": "too generous"})
 
 
@@ -748,3 +741,17 @@ def test_stage_7_end_to_end_against_our_own_serve(tmp_path):
     for record in S.read_judgements("judge-serve"):
         assert 0 <= record["score"] <= 100 and set(record["criteria"]) == {
             "correctness", "instruction_following", "completeness", "concision"}
+
+
+def test_a_preference_run_is_judged_sft_against_dpo():
+    """H8's stage writes sft_response / dpo_response: pairwise then asks whether DPO beats SFT."""
+    runs.create_run("dpo-run", "prefer", {"note": "fake preference-tuning run"})
+    records = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}",
+                "sft_response": f"meh {i}", "dpo_response": f"GOOD {i}"} for i in range(3)]
+    runs.write_json_atomic(runs.run_dir("dpo-run") / "responses.json", records)
+    assert "dpo-run" in S.runs_with_answers()
+    with FakeOpenAIServer(responder=fair_judge) as s:
+        result = S.judge_run("judge-dpo", settings_for(s.url), source_run="dpo-run", mode="pairwise")
+    pairwise = S.read_summary("judge-dpo")["pairwise"]
+    assert (pairwise["first"], pairwise["second"], pairwise["wins"]) == ("sft", "dpo", 3)
+    assert result["pairwise_win_rate"] == 1.0

@@ -17,13 +17,6 @@ PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "7_Judge.py")
 SECRET = "sk-page-test-SECRET-abcdef123456"
 
 
-@pytest.fixture(autouse=True)
-def judge_on_loopback(monkeypatch):
-    """The fake judge listens on 127.0.0.1: allowed here through the server setting (issue 22)."""
-    monkeypatch.setenv("GLASSBOX_JUDGE_ALLOW_HOSTS", "loopback")
-    for name in ("GLASSBOX_JUDGE_ENDPOINTS", "GLASSBOX_JUDGE_KEY_URL", "GLASSBOX_JUDGE_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-
 
 def page() -> AppTest:
     return run_page(PAGE)
@@ -155,3 +148,31 @@ def test_resume_sends_a_typed_key_only_to_the_url_it_was_typed_for():
     assert S.resume_env("theirs", "http://my-judge.example/v1", SECRET) == {
         "GLASSBOX_JUDGE_API_KEY": "", "OPENAI_API_KEY": ""}
     assert S.resume_env("theirs", "http://their-logger.example/v1/", SECRET)["GLASSBOX_JUDGE_API_KEY"] == SECRET
+
+
+def test_a_job_started_from_the_page_never_sends_the_server_key_elsewhere(monkeypatch):
+    """Issue 22: the server's OPENAI_API_KEY, a learner's logging server, no key typed."""
+    import time
+
+    from core.lab import jobs
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeOpenAIServer() as logger:
+        at = page()
+        at.selectbox(key="judge_preset").set_value("Custom").run()
+        at.text_input(key="judge_base_url").set_value(logger.url)
+        at.text_input(key="judge_model").set_value("judge-model").run()
+        assert not any("OPENAI_API_KEY" in c.value for c in at.caption)   # not offered for this URL
+        at.button(key="judge_test").click().run()
+        at.radio(key="judge_source_kind").set_value("A data set").run()
+        at.selectbox(key="judge_source_data").set_value("eval-example-data")
+        at.number_input(key="judge_limit").set_value(1)
+        at.radio(key="judge_mode").set_value("single")
+        at.text_input(key="judge_new_id").set_value("no-key-leak")
+        at.button(key="judge_start").click().run()
+        deadline = time.time() + 60
+        while jobs.job_state("no-key-leak").active and time.time() < deadline:
+            time.sleep(0.3)
+        assert jobs.job_state("no-key-leak").state == "finished", jobs.job_state("no-key-leak").log_tail
+        sent = [r["headers"].get("authorization", "") for r in logger.requests]
+    assert len(sent) >= 3 and not [h for h in sent if SECRET in h or SECRET[-8:] in h]
