@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from core.gpt import microscope as m
 from core.gpt.errors import GlassBoxError, ModelConfigError
 from core.gpt.model import GPT, GPTConfig, preset_config
+from core.lab.bench_microscope import bench_model
 
 SETTINGS = [  # (temperature, top_k, top_p)
     (1.0, None, None), (0.7, None, None), (1.8, 5, None), (1.0, None, 0.5), (0.5, 10, 0.9),
@@ -213,3 +214,27 @@ def test_bad_input_is_a_clear_error(model):
         m.surprise(model, [1])
     with pytest.raises(GlassBoxError, match="at least one token"):
         m.logit_lens(model, [])
+
+
+def test_forced_steps_scored_in_one_pass_equal_step_by_step_scores(model):
+    prompt = [9, 8, 7]
+    free = m.generate_steps(model, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    forced = free.ids[len(prompt):]
+    taught = m.forced_logits(model, prompt, forced)
+    assert taught.shape == (12, 97)
+    for n, step in enumerate(free.steps):  # the free run computed these one cached step at a time
+        assert torch.allclose(torch.softmax(taught[n], -1), step.raw, atol=1e-5)
+    replay = m.generate_steps(model, prompt, 15, temperature=0, forced=forced)
+    assert replay.ids[: len(prompt) + 12] == free.ids
+    # after the forced tokens the cache takes over: the next token is greedy on the whole text
+    with torch.no_grad():
+        assert replay.ids[len(prompt) + 12] == int(model(torch.tensor([free.ids]))[0][0, -1].argmax())
+    assert replay.cache.length == len(replay.ids) - 1
+
+
+def test_the_latency_bench_reports_every_view():
+    figures = bench_model("tiny", 100, repeats=1)
+    for view in ("step", "step_uncached", "surprise", "lens", "attention_maps", "panel_rerun"):
+        assert figures[f"{view}_s"] > 0
+    assert figures["parameters"] == GPT(preset_config("tiny", 100)).num_parameters()
+    assert isinstance(figures["within_targets"], bool)

@@ -127,6 +127,17 @@ def kv_cache_layout(cache: KVCache) -> list[dict]:
             for layer, (k, v) in enumerate(zip(cache.keys, cache.values))]
 
 
+def forced_logits(model: GPT, prompt_ids: list[int], forced: list[int]):
+    """Scores (len(forced), V) of every forced step from ONE pass over prompt + forced tokens.
+
+    Teacher forcing: position t's output is the model's guess for token t + 1, exactly what a step
+    of generation computes after the same tokens (causal attention cannot see what comes later).
+    """
+    idx = torch.tensor([list(prompt_ids) + list(forced)])  # (1, T)
+    hidden = model.hidden_states(idx)[0, len(prompt_ids) - 1:-1]  # (len(forced), C)
+    return model.lm_head(hidden)
+
+
 @dataclass
 class Generation:
     prompt_ids: list[int]
@@ -144,7 +155,8 @@ def generate_steps(model: GPT, prompt_ids: list[int], max_new_tokens: int, tempe
     """Generate one token at a time and keep each step's three distributions.
 
     `forced` are tokens the learner picked: step n takes forced[n] instead of sampling while the
-    list lasts (a branch), then sampling goes on. Stops early after `eos_id`.
+    list lasts (a branch), then sampling goes on. Stops early after `eos_id`. The forced steps'
+    scores come from one pass over the whole text (`forced_logits`), not one pass per step.
     """
     check_sampling(temperature, top_k, top_p)
     if not prompt_ids:
@@ -153,8 +165,11 @@ def generate_steps(model: GPT, prompt_ids: list[int], max_new_tokens: int, tempe
     ids, steps = list(prompt_ids), []
     cache = KVCache(model.config, 1, model.wte.weight.device, model.wte.weight.dtype) if use_cache else None
     started = time.perf_counter()
+    fits = len(prompt_ids) + len(forced) <= model.config.context_length
+    taught = forced_logits(model, prompt_ids, forced[:max_new_tokens]) if forced and fits else None
     for n in range(max_new_tokens):
-        raw, tempered, kept = three_distributions(next_logits(model, ids, cache), temperature, top_k, top_p)
+        logits = taught[n] if taught is not None and n < len(taught) else next_logits(model, ids, cache)
+        raw, tempered, kept = three_distributions(logits, temperature, top_k, top_p)
         is_forced = n < len(forced)
         token = int(forced[n]) if is_forced else choose_token(kept, temperature, generator)
         steps.append(Step(len(ids), token, is_forced, raw, tempered, kept))
