@@ -518,7 +518,7 @@ def test_bytelevel_bpe_from_ours_encodes_like_ours(small_bpe):
 @pytest.mark.parametrize("broken", [
     lambda d: d.update(ranks="nope"),
     lambda d: d.update(ranks=[["!!notbase64", 5]]),
-    lambda d: d["ranks"].pop(0),  # a byte without a token
+    lambda d: d["ranks"].append(["YQ==", 7]),  # the bytes of "a" twice
     lambda d: d.update(eot_token="<|nope|>"),
     lambda d: d.update(special_tokens={"<|endoftext|>": 5, "<|im_start|>": 1, "<|im_end|>": 2}),  # id taken
     lambda d: d.update(pattern="("),
@@ -569,3 +569,17 @@ def test_special_tokens_are_highlighted_and_hover_text_is_escaped(small_bpe):
     out = token_spans_html(spans, title=lambda s: '"><script>')
     assert out.count(SPECIAL_STYLE) == 2 and "<script" not in out and "&quot;&gt;&lt;script&gt;" in out
     assert readable_token(t, t.encode(" b")[0]) == "·b"
+
+
+def test_a_vocabulary_missing_some_bytes_refuses_only_text_with_them(small_bpe):
+    """SmolLM2 has no token for a few control bytes (4, 6, 19, ...): such text gets a clear error."""
+    ranks = {data: i + 3 for i, data in enumerate(small_bpe.token_bytes) if data not in (b"\x04", b"\x06")}
+    t = tf.ByteLevelBPE("holes", small_bpe.pattern, ranks, CHATML, eot_token="<|im_end|>")
+    assert t.decode(t.encode("fine text 🙂")) == "fine text 🙂"
+    with pytest.raises(TokenizerError, match=r"'\\x04' at position 3"):
+        t.encode("abc\x04def")
+    with pytest.raises(TokenizerError, match="0x06"):
+        t.encode_ordinary("\x06")
+    loaded = tf.tokenizer_from_dict(json.loads(json.dumps(t.to_dict())))
+    with pytest.raises(TokenizerError):
+        loaded.encode("\x04")

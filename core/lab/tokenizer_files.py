@@ -19,6 +19,7 @@ import base64
 import functools
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 from typing import Iterable
@@ -45,10 +46,6 @@ def _check_ranks(ranks, special_tokens, eot_token) -> None:
         raise TokenizerError("A byte-level BPE needs its ranks: a table from token bytes to ids.")
     if not all(isinstance(b, bytes) and b and type(i) is int and i >= 0 for b, i in ranks.items()):
         raise TokenizerError("The ranks of a byte-level BPE must map non-empty bytes to ids >= 0.")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise TokenizerError(f"A byte-level BPE must have a token for every byte; {len(missing)} are missing "
-                             f"(e.g. byte {missing[0]}).")
     if not isinstance(special_tokens, dict) or not all(
             isinstance(s, str) and s and type(i) is int and i >= 0 for s, i in special_tokens.items()):
         raise TokenizerError("The special tokens of a byte-level BPE must map text to ids >= 0.")
@@ -77,6 +74,20 @@ class ByteLevelBPE(tok.Tokenizer):
             raise TokenizerError(f"The byte-level BPE {name!r} cannot be built: {exc}") from None
         self.ranks = dict(ranks)
         self._setup(encoding, eot_token)
+        # Bytes without a token of their own (SmolLM2 has none for 6 control characters and for
+        # bytes that valid UTF-8 never or rarely uses): text holding them is refused clearly,
+        # where tiktoken would fail inside its Rust code.
+        missing = [b for b in range(256) if bytes([b]) not in self.ranks]
+        self._missing = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in missing) + b"]") if missing else None
+
+    def _check_bytes(self, text: str) -> str:
+        text = tok.check_utf8(tok.check_text(text))
+        found = self._missing.search(text.encode("utf-8")) if getattr(self, "_missing", None) else None
+        if found:
+            at = len(text.encode("utf-8")[:found.start()].decode("utf-8", errors="ignore"))
+            raise TokenizerError(f"The {self.name} vocabulary cannot spell the character {text[at]!r} at position "
+                                 f"{at} (it has no token for byte 0x{found.group()[0]:02x}).")
+        return text
 
     def _setup(self, encoding: tiktoken.Encoding, eot_token: str) -> None:
         self.encoding = encoding
@@ -107,11 +118,11 @@ class ByteLevelBPE(tok.Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         """Special tokens written in the text (``<|endoftext|>``, ``<|im_start|>``) become their ids."""
-        return self.encoding.encode(tok.check_utf8(tok.check_text(text)), allowed_special="all")
+        return self.encoding.encode(self._check_bytes(text), allowed_special="all")
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Like ``encode``, but marker-like text stays text (for what a user typed)."""
-        return self.encoding.encode_ordinary(tok.check_utf8(tok.check_text(text)))
+        return self.encoding.encode_ordinary(self._check_bytes(text))
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode_bytes(self._check_ids(ids)).decode("utf-8", errors="replace")
