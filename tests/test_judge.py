@@ -755,3 +755,13 @@ def test_a_preference_run_is_judged_sft_against_dpo():
     pairwise = S.read_summary("judge-dpo")["pairwise"]
     assert (pairwise["first"], pairwise["second"], pairwise["wins"]) == ("sft", "dpo", 3)
     assert result["pairwise_win_rate"] == 1.0
+
+
+def test_the_address_actually_connected_to_is_checked_too(monkeypatch, tmp_path, rubric):
+    """A name that resolved to a public address at the check but connects to loopback (DNS rebinding)."""
+    monkeypatch.delenv("GLASSBOX_JUDGE_ALLOW_HOSTS")
+    monkeypatch.setattr(judge_settings, "_addresses", lambda host, port: ["93.184.215.14"])
+    with FakeOpenAIServer() as s:
+        judge, _ = make_judge(s.url, tmp_path, rubric)
+        with pytest.raises(C.EndpointUnusable, match=r"loopback address \(127\.0\.0\.1\)"):
+            grade(judge)
