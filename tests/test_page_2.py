@@ -157,3 +157,28 @@ def test_big_models_show_a_choice_of_layers():
     layers.set_value([8]).run()
     assert not at.exception
     assert len(chart_json(at, "model_grid")["data"]) == 4
+
+
+def test_rope_part_rotates_a_query_and_a_key_and_scores_depend_on_the_distance():
+    at = page()
+    assert "Rotary positions" in all_text(at)
+    at.toggle(key="rope_show").set_value(True).run()
+    assert not at.exception
+    scores = np.array(weights_z(at, "rope_scores"))
+    assert scores.shape == (12, 12)
+    for d in range(-11, 12):  # every diagonal (same distance m - n) holds one value
+        diagonal = np.diagonal(scores, offset=d)
+        assert np.allclose(diagonal, diagonal[0], atol=1e-4)
+    assert np.std([np.diagonal(scores, offset=d)[0] for d in range(12)]) > 0.01
+    arrows = chart_json(at, "rope_arrows")["data"]
+    assert [t["name"] for t in arrows] == ["q at position 0", "k at position 0", "q at position 5", "k at position 2"]
+    length = lambda t: np.hypot(t["x"][1], t["y"][1])
+    assert length(arrows[0]) == pytest.approx(length(arrows[2]), rel=1e-5)  # a rotation keeps the length
+    assert f"{scores[5, 2]:.3f}" in all_text(at)
+    at.slider(key="rope_m").set_value(9).run()
+    at.slider(key="rope_n").set_value(6).run()
+    assert not at.exception
+    assert chart_json(at, "rope_arrows")["data"][2]["name"] == "q at position 9"
+    assert f"{scores[9, 6]:.3f}" in all_text(at) and f"{scores[5, 2]:.3f}" in all_text(at)  # same distance 3
+    names = [c.value for e in at.expander if "code behind" in e.label.lower() for c in e.caption]
+    assert "`core.gpt.rope.apply_rope`" in names and "`core.gpt.rope.relative_position_scores`" in names

@@ -111,3 +111,48 @@ def test_import_a_gpt2_folder_into_the_run_store(tmp_path):
     assert not at.exception
     assert any("imported" in s.value for s in at.success)
     assert runs.open_run("imported").stage == "import"
+
+
+def test_the_modern_options_count_like_the_model_and_bad_ones_are_explained():
+    from core.gpt.model import preset_config
+    from core.gpt.sizes import count_parameters, kv_cache_bytes_per_token
+
+    at = page()
+    button(at, "preset_modern").click().run()
+    modern = preset_config("modern", 1000)
+    assert metric(at, "Parameters") == f"{sum(count_parameters(modern).values()):,}"
+    assert metric(at, "KV cache per token") == f"{kv_cache_bytes_per_token(modern) / 1024:,.1f} KiB"
+    assert at.radio(key="cfg_position").value == "rope" and at.number_input(key="cfg_n_kv_head").value == 2
+    table = at.dataframe[0].value
+    assert not any(m.strip() == "wpe" for m in table["module"])  # RoPE: no position table
+    at.number_input(key="cfg_n_kv_head").set_value(3).run()
+    assert any("must divide n_head" in e.value for e in at.error)
+    at.number_input(key="cfg_n_kv_head").set_value(2)
+    at.slider(key="cfg_n_head").set_value(3)
+    at.select_slider(key="cfg_n_embd").set_value(96)
+    at.number_input(key="cfg_n_kv_head").set_value(1)
+    at.run()
+    assert not at.exception and not any("even size" in e.value for e in at.error)  # head size 32
+    at.slider(key="cfg_n_head").set_value(32).run()  # 96 / 32 = 3: odd
+    assert any("even size" in e.value for e in at.error)
+
+
+def test_two_configurations_side_by_side():
+    from core.gpt.model import preset_config
+    from core.gpt.sizes import count_parameters, flops_per_token, kv_cache_bytes_per_token
+
+    at = page()
+    table = at.table[0].value
+    base, modern = preset_config("base", 1000), preset_config("modern", 1000)
+    assert list(table.columns) == ["base", "modern"]
+    row = lambda name: table.loc[name]
+    assert row("parameters")["base"] == f"{sum(count_parameters(base).values()):,}"
+    assert row("FLOPs per token (training)")["modern"] == f"{flops_per_token(modern):,}"
+    assert row("KV-cache bytes per token (fp32)").tolist() == ["4,096", "2,048"]  # 2 of 4 key/value heads
+    assert row("position").tolist() == ["learned", "rope"] and row("n_kv_head").tolist() == ["4", "2"]
+    bars = chart(at, "cmp_bars")["data"]
+    assert [t["name"] for t in bars] == ["base", "modern"]
+    at.selectbox(key="cmp_second").set_value("gpt2-124m").run()
+    assert at.table[0].value.loc["KV-cache bytes per token (fp32)"]["gpt2-124m"] == f"{2 * 12 * 768 * 4:,}"
+    names = [c.value for e in at.expander if "code behind" in e.label.lower() for c in e.caption]
+    assert "`core.gpt.sizes.kv_cache_bytes_per_token`" in names and "`core.gpt.sizes.flops_per_token`" in names
