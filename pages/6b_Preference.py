@@ -83,13 +83,17 @@ def fmt(value, digits=3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def draw(run_id: str) -> None:
-    if waiting_to_start(run_id):
-        return
+def load_results(run_id: str) -> dict | None:
     try:
-        found = stage.results(run_id)
+        return stage.results(run_id)
     except stage.GlassBoxError as e:
         show_error(e)
+    return None
+
+
+def draw(run_id: str) -> None:
+    found = None if waiting_to_start(run_id) else load_results(run_id)
+    if found is None:
         return
     start_stats, latest, evals = found["start"] or {}, found["latest"] or {}, found["evals"]
     cfg = found["config"]

@@ -327,3 +327,15 @@ def test_the_books_preference_data_is_found_by_its_registry_name(shared_data):
     records, identical = stage.load_preferences(stage.DATA_SOURCE)
     assert len(records) == 1094 and len(identical) == 6
     assert stage.preference_file(stage.DATA_SOURCE).name == "instruction-data-with-preference.json"
+
+
+def test_settings_round_trip_through_the_command_line():
+    from core.__main__ import build_parser
+    from core.lab import cli
+
+    settings = stage.Settings(start="sft", steps=7, beta=0.25, lora_rank=4, lora_alpha=8.0,
+                              lora_targets=("qkv", "mlp"), run_id="x")
+    argv = cli.to_argv(settings)
+    assert argv[argv.index("--lora-targets") + 1] == "qkv,mlp" and "--minutes" not in argv
+    again = cli.settings_from_args(stage.Settings, build_parser("prefer").parse_args(argv))
+    assert again == settings
