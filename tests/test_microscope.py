@@ -18,17 +18,21 @@ SETTINGS = [  # (temperature, top_k, top_p)
 ]
 
 
-@pytest.fixture(scope="module")
-def model():
+MODERN = dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False)  # a Llama-style block
+
+
+@pytest.fixture(scope="module", params=["gpt2-block", "modern-block"])
+def model(request):
+    """The tiny preset with GPT-2's block, and with the modern one (RoPE, RMSNorm, SwiGLU, GQA)."""
     torch.manual_seed(0)
-    return GPT(preset_config("tiny", 97)).eval()
+    return GPT(preset_config("tiny", 97, **(MODERN if request.param == "modern-block" else {}))).eval()
 
 
 @pytest.fixture(scope="module")
 def short_model():
     """A model with only 12 positions, so generation slides past its context."""
     torch.manual_seed(1)
-    return GPT(GPTConfig(vocab_size=31, context_length=12, n_embd=32, n_head=4, n_layer=2)).eval()
+    return GPT(GPTConfig(vocab_size=31, context_length=12, n_embd=32, n_head=4, n_layer=2, **MODERN)).eval()
 
 
 def spiky_logits(seed: int, vocab: int = 97):
@@ -143,10 +147,11 @@ def test_the_cache_holds_every_token_but_the_newest(model):
     cfg = model.config
     assert gen.cache.length == len(gen.ids) - 1  # the newest token is fed at the next step
     n = gen.cache.length
-    assert m.kv_cache_bytes(gen.cache) == 2 * cfg.n_layer * cfg.n_head * n * cfg.head_size * 4
+    kv_heads = cfg.n_kv_head or cfg.n_head  # grouped-query attention stores fewer heads
+    assert m.kv_cache_bytes(gen.cache) == 2 * cfg.n_layer * kv_heads * n * cfg.head_size * 4
     layout = m.kv_cache_layout(gen.cache)
     assert len(layout) == cfg.n_layer
-    assert layout[0]["keys"] == [1, cfg.n_head, n, cfg.head_size]
+    assert layout[0]["keys"] == [1, kv_heads, n, cfg.head_size]
     assert sum(row["bytes"] for row in layout) == m.kv_cache_bytes(gen.cache)
     assert m.generate_steps(model, [1], 2, use_cache=False).cache is None
 
@@ -192,7 +197,8 @@ def test_logit_lens_at_the_last_layer_is_the_models_own_prediction(model):
 
 def test_the_residual_stream_adds_one_snapshot_per_block(model):
     idx = torch.tensor([[1, 2, 3]])
-    stream = m.residual_stream(model, idx)
+    with torch.inference_mode():
+        stream = model.residual_stream(idx)
     assert len(stream) == model.config.n_layer + 1
     assert all(x.shape == (1, 3, model.config.n_embd) for x in stream)
     with torch.inference_mode():

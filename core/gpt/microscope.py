@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from core.gpt.errors import GlassBoxError
-from core.gpt.model import GPT, KVCache, check_sampling, filtered_probabilities
+from core.gpt.generate import KVCache, check_sampling, filtered_probabilities, next_logits
+from core.gpt.model import GPT
 
 
 class MicroscopeError(GlassBoxError):
@@ -99,20 +100,6 @@ def choose_token(kept, temperature: float, generator: torch.Generator | None = N
 # ---------------------------------------------------------------------------- 4. the KV cache
 
 
-def next_logits(model: GPT, ids: list[int], cache: KVCache | None):
-    """Scores (V,) for the token after `ids`.
-
-    Without a cache the model reads the whole sequence (its last context_length tokens) again.
-    With one, it reads only the tokens the cache has not seen yet: the prompt once, then one
-    token per step; every earlier key and value comes from the cache.
-    """
-    ctx = model.config.context_length
-    if cache is None or len(ids) > ctx:
-        return model._last_logits(torch.tensor([ids[-ctx:]]), None)[0]
-    new = torch.tensor([ids[cache.length:]])  # (1, t): what the cache has not seen yet
-    return model._last_logits(new, cache)[0]
-
-
 def kv_cache_bytes(cache: KVCache) -> int:
     """Bytes of keys and values actually stored: 2 × layers × heads × tokens × head size × 4 (fp32)."""
     n = cache.length
@@ -143,7 +130,7 @@ class Generation:
     prompt_ids: list[int]
     ids: list[int]  # prompt + every generated token
     steps: list[Step]
-    cache: KVCache | None  # after the last step; holds every token but the newest
+    cache: KVCache | None  # after the last step: every token but the newest (None past the context)
     seconds_per_step: float
 
 
@@ -168,7 +155,11 @@ def generate_steps(model: GPT, prompt_ids: list[int], max_new_tokens: int, tempe
     fits = len(prompt_ids) + len(forced) <= model.config.context_length
     taught = forced_logits(model, prompt_ids, forced[:max_new_tokens]) if forced and fits else None
     for n in range(max_new_tokens):
-        logits = taught[n] if taught is not None and n < len(taught) else next_logits(model, ids, cache)
+        if taught is not None and n < len(taught):
+            logits = taught[n]
+        else:  # the prompt once, then one token per step; past the context the cache is dropped
+            logits, cache = next_logits(model, torch.tensor([ids]), cache)
+            logits = logits[0]
         raw, tempered, kept = three_distributions(logits, temperature, top_k, top_p)
         is_forced = n < len(forced)
         token = int(forced[n]) if is_forced else choose_token(kept, temperature, generator)
@@ -188,7 +179,8 @@ def seconds_per_token(model: GPT, prompt_ids: list[int], n_tokens: int, use_cach
     cache = KVCache(model.config, 1, model.wte.weight.device, model.wte.weight.dtype) if use_cache else None
     started = time.perf_counter()
     for _ in range(n_tokens):
-        ids.append(int(next_logits(model, ids, cache).argmax()))
+        logits, cache = next_logits(model, torch.tensor([ids]), cache)
+        ids.append(int(logits[0].argmax()))
     return (time.perf_counter() - started) / max(1, n_tokens)
 
 
@@ -229,23 +221,6 @@ def surprise(model: GPT, ids: list[int], n_alternatives: int = 5) -> dict:
 
 
 @torch.inference_mode()
-def residual_stream(model: GPT, idx) -> list:
-    """The residual stream (B, T, C) after the embeddings and after each block: L + 1 snapshots.
-
-    Each block adds its attention and feed-forward output to this running sum; the final norm
-    and the output head read only the last one.
-    """
-    if hasattr(model, "residual_stream"):
-        return model.residual_stream(idx)
-    x = model._embed(idx)  # token (+ position) vectors
-    stream = [x]
-    for block in model.blocks:
-        x = block(x)
-        stream.append(x)
-    return stream
-
-
-@torch.inference_mode()
 def logit_lens(model: GPT, ids: list[int], top: int = 1) -> dict:
     """Read every layer's residual through the final norm and the output head.
 
@@ -258,7 +233,7 @@ def logit_lens(model: GPT, ids: list[int], top: int = 1) -> dict:
     model.eval()
     idx = torch.tensor([ids])
     top_ids, top_probs = [], []
-    for x in residual_stream(model, idx):
+    for x in model.residual_stream(idx):  # after the embeddings, then after each block
         probs = F.softmax(model.lm_head(model.ln_f(x))[0].float(), dim=-1)  # (T, V)
         p, i = torch.topk(probs, min(top, probs.shape[-1]), dim=-1)
         top_ids.append(i)
@@ -270,5 +245,5 @@ def logit_lens(model: GPT, ids: list[int], top: int = 1) -> dict:
 def lens_logits(model: GPT, ids: list[int], layer: int):
     """The logits (T, V) that the lens reads at one layer (the last layer: the model's own logits)."""
     model.eval()
-    x = residual_stream(model, torch.tensor([ids]))[layer]
+    x = model.residual_stream(torch.tensor([ids]))[layer]
     return model.lm_head(model.ln_f(x))[0]

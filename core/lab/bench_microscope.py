@@ -23,7 +23,8 @@ import time
 import torch
 
 from core.gpt import microscope
-from core.gpt.model import GPT, KVCache, preset_config
+from core.gpt.generate import KVCache, next_logits
+from core.gpt.model import GPT, preset_config
 from core.lab.models import generation_threads
 
 BASE_VOCAB = 1000  # our BPE for the `base` preset (stage 4's default size)
@@ -55,9 +56,10 @@ def step_seconds(model: GPT, prompt_length: int = 64, top_k: int = 40, top_p: fl
     def one_step(use_cache: bool):
         cache = KVCache(model.config, 1, "cpu", torch.float32) if use_cache else None
         if cache is not None:
-            microscope.next_logits(model, ids[:-1], cache)  # the prefix is cached already
+            next_logits(model, torch.tensor([ids[:-1]]), cache)  # the prefix is cached already
         start = time.perf_counter()
-        raw, tempered, kept = microscope.three_distributions(microscope.next_logits(model, ids, cache), 0.8, top_k, top_p)
+        logits, _ = next_logits(model, torch.tensor([ids]), cache)
+        raw, tempered, kept = microscope.three_distributions(logits[0], 0.8, top_k, top_p)
         step = microscope.Step(len(ids), microscope.choose_token(kept, 0.8), False, raw, tempered, kept)
         step.top(10), step.rank, step.entropy
         return time.perf_counter() - start

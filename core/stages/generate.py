@@ -18,7 +18,7 @@ import torch
 from core.gpt import microscope
 from core.gpt.errors import GlassBoxError
 from core.gpt.instruct import format_prompt
-from core.gpt.model import check_sampling, filtered_probabilities
+from core.gpt.generate import check_sampling, filtered_probabilities, next_logits
 from core.lab import models, runs
 from core.lab.cli import option
 from core.lab.errors import RunError
@@ -212,5 +212,5 @@ CODE = {
     "distributions": (microscope.three_distributions, filtered_probabilities, microscope.entropy_bits,
                       microscope.rank_of),
     "generate": (microscope.generate_steps, microscope.choose_token),
-    "kv_cache": (microscope.next_logits, microscope.kv_cache_bytes, microscope.seconds_per_token),
+    "kv_cache": (next_logits, microscope.kv_cache_bytes, microscope.seconds_per_token),
 }

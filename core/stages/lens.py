@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from core.gpt import microscope
+from core.gpt.model import GPT
 from core.lab import models
 from core.lab.cli import option
 from core.stages.generate import Subject, encode, open_subject
@@ -79,4 +80,4 @@ def print_progress(row: dict) -> None:
     print(f"{row['layer']:<11} {cells}", file=sys.stderr)
 
 
-CODE = {"lens": (microscope.residual_stream, microscope.logit_lens)}
+CODE = {"lens": (GPT.residual_stream, microscope.logit_lens)}

@@ -192,12 +192,21 @@ def _current_step(subject, step: dict, key: str, settings: dict) -> None:
 
 def _kv_cache_view(subject, result: dict, path: list, key: str) -> None:
     with st.expander("The KV cache: what the model remembers between steps"):
+        cfg = subject.model.config
+        kv_heads = getattr(cfg, "n_kv_head", None) or cfg.n_head
+        per_token = 2 * cfg.n_layer * kv_heads * cfg.head_size * 4
         n_now = len(result["prompt_ids"]) + len(path)  # cached when the current step was computed
-        per_token = result["kv_cache_bytes"] / max(1, result["kv_cache_tokens"])
-        st.write(f"To choose the next token the model read only the newest token; the keys and values "
-                 f"of the {n_now:,} tokens before it came from the cache: "
-                 f"**{per_token * n_now / 1024:,.1f} KiB** ({per_token:,.0f} bytes per token = 2 × "
-                 f"{subject.model.config.n_layer} layers × keys and values of every head, in fp32).")
+        if n_now >= subject.context_length:
+            st.info(f"The text fills the context ({subject.context_length} tokens): the window now slides, "
+                    "every position shifts, so the cache is dropped and each step recomputes the window.")
+        if not path:
+            st.write("This first step read the whole prompt at once (the prefill) and stored every "
+                     "token's keys and values; from the next step on the model reads one token at a time.")
+        st.write(f"Steady state: to choose the next token the model reads only the newest token; the keys "
+                 f"and values of the {n_now - 1:,} tokens before it come from the cache: "
+                 f"**{per_token * (n_now - 1) / 1024:,.1f} KiB**, {per_token:,} bytes per token = 2 (a key "
+                 f"and a value) × {cfg.n_layer} layers × {kv_heads} key/value heads × {cfg.head_size} "
+                 "numbers × 4 bytes (fp32).")
         ids = result["prompt_ids"] + [i for i, _ in path]
         cached = [chip(label(subject, i), "background:#bbf7d0;color:#111", "keys and values cached")
                   for i in ids[:-1][-300:]]
