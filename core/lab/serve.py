@@ -220,7 +220,8 @@ class Engine:
     def __post_init__(self):
         self.template = self.template or chat.template_for(self.tokenizer)
         self.stop_ids = chat.stop_ids(self.tokenizer, self.template)
-        self.eos_id = min(self.stop_ids) if self.stop_ids else self.tokenizer.eot_id
+        first = self.tokenizer.encode(self.template.stop[0])  # the end-of-turn marker, e.g. <|im_end|>
+        self.eos_id = first[0] if len(first) == 1 and first[0] in self.stop_ids else self.tokenizer.eot_id
         self.context_length = self.model.config.context_length
         self.lock = asyncio.Lock()
         self.waiting = 0
@@ -478,3 +479,73 @@ async def _events(req, base, queue, cancel):
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()
+
+
+# ---------------------------------------------------------------------------- a bounded loopback load test
+
+
+def _stream_once(url: str, body: dict, key: str | None, timeout: float) -> dict:
+    """One streamed request over loopback: seconds to the first text, tokens, total seconds."""
+    import urllib.request  # only the load test talks HTTP from this side
+
+    request = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    started, first, stats = time.perf_counter(), None, {}
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - started
+            stats = chunk.get("glassbox", stats)
+    return {"ttft_s": first, "seconds": time.perf_counter() - started, "tokens": stats.get("completion_tokens", 0),
+            "server_tokens_per_s": stats.get("tokens_per_s")}
+
+
+def load_test(engine: Engine, clients: int = 4, requests_per_client: int = 2, max_tokens: int = 32,
+              timeout: float = 300.0, alone_runs: int = 3) -> dict:
+    """Serve `engine` on a free 127.0.0.1 port, then time one client alone and `clients` at once
+    (bounded: clients x requests_per_client requests of `max_tokens` tokens, loopback only)."""
+    import socket  # only the load test needs a port
+    import uvicorn  # (as above)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": engine.name, "messages": [{"role": "user", "content": "Tell me about the sea."}],
+            "max_tokens": max_tokens, "temperature": 0.8, "seed": 0}
+    try:
+        _stream_once(url, body, None, timeout)  # warm-up
+        alone = [_stream_once(url, {**body, "seed": n}, None, timeout) for n in range(alone_runs)]
+        results: list[dict] = []
+
+        def client(n):
+            for r in range(requests_per_client):
+                results.append(_stream_once(url, {**body, "seed": 100 * n + r}, None, timeout))
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    alone.sort(key=lambda r: r["ttft_s"] or 0)
+    middle = alone[len(alone) // 2]
+    return {"model": engine.name, "parameters": sum(p.numel() for p in engine.model.parameters()),
+            "max_tokens": max_tokens, "ttft_s": round(middle["ttft_s"] or 0, 3),
+            "tokens_per_s_alone": middle["server_tokens_per_s"],
+            "clients": clients, "requests": len(results), "tokens": sum(r["tokens"] for r in results),
+            "wall_s": round(wall, 2), "throughput_tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 2),
+            "worst_request_s": round(max(r["seconds"] for r in results), 2)}
