@@ -402,7 +402,7 @@ def model_attention_maps(model, tokenizer, text: str, max_tokens: int = 64):
     """Every layer's and head's attention weights for `text` → (token strings, maps (L, H, T, T)).
 
     The text is cut to the model's context length (and to max_tokens, to keep the pictures
-    readable). Uses the model's own `attention_maps(idx)` (core/model.py).
+    readable). Uses the model's own `attention_maps(idx)` (core/gpt/model.py).
     """
     ids = tokenizer.encode(text)
     if not ids:

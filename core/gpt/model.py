@@ -268,6 +268,8 @@ class GPT(nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def _check_input(self, idx, start: int = 0):
+        """Clear errors for input the model cannot read. Cached decoding steps (start > 0) skip the
+        vocabulary check: their tokens come from the model's own scores, and it costs a sync per token."""
         if not torch.is_tensor(idx) or idx.dim() != 2:
             raise ModelConfigError("The model takes token ids shaped (batch, tokens).")
         T = idx.shape[1]
@@ -278,7 +280,7 @@ class GPT(nn.Module):
                 f"The input has {start + T} tokens but the model's context length is {self.config.context_length}: "
                 f"it has no position {self.config.context_length}. Shorten the input."
             )
-        if idx.device.type == "meta":  # shapes only (inspect traces big models without weights)
+        if idx.device.type == "meta" or start:  # meta: shapes only (inspect traces big models without weights)
             return
         low, high = int(idx.min()), int(idx.max())
         if low < 0 or high >= self.config.vocab_size:
