@@ -17,11 +17,19 @@ from pathlib import Path
 
 import torch
 
-from core.gpt.errors import TrainingError
+from core.gpt import embeddings
+from core.gpt.errors import GlassBoxError, TrainingError
+from core.gpt.microscope import per_token_loss
+from core.gpt.model import GPT, GPTConfig
+from core.gpt.tokenizers import load_tokenizer, visible
 from core.lab import runs
-from core.lab.models import model_tensors
+from core.lab.errors import CorruptRunError
+from core.lab.models import load_model_weights, model_tensors
 
 FOLDER = "snapshots"
+DEFAULT_PROBE = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."
+PROBE_TOKENS = 48  # tokens of the fixed probe text the views read (attention maps stay legible)
+SAMPLE_TOKENS = 40
 DEFAULT_BUDGET_MB = 64.0
 _NAME = re.compile(r"step-(\d{6,})\.safetensors")
 
@@ -90,18 +98,21 @@ class Plan:
         if self.enabled and log_spaced(step):
             self.save(run_path, model, step)
 
-    def save(self, run_path: Path, model, step: int, last: bool = False) -> None:
+    def save(self, run_path: Path, model, step: int) -> None:
         """Write the snapshot of `step` (once), then keep the folder within budget."""
         if not self.enabled:
             return
         folder = Path(run_path) / FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / file_name(step)
-        if not target.exists():
-            tensors = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu())
-                       for k, v in model_tensors(model).items()}
-            runs.save_tensors(target, tensors, {"step": str(step), "format": "pt"})
-        self.prune(run_path, newest=step)
+        try:
+            if not target.exists():
+                tensors = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu())
+                           for k, v in model_tensors(model).items()}
+                runs.save_tensors(target, tensors, {"step": str(step), "format": "pt"})
+            self.prune(run_path, newest=step)
+        except OSError:
+            pass  # a full disk costs the history a point, never the training run
 
     def prune(self, run_path: Path, newest: int) -> None:
         kept = list_snapshots(run_path)
@@ -136,3 +147,84 @@ def load_snapshot(snapshot: Snapshot) -> dict[str, torch.Tensor]:
     """The snapshot's tensors in fp32 (a damaged file raises CorruptRunError, naming it)."""
     tensors = runs.load_tensors(snapshot.path)
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+# ---------------------------------------------------------------------------- the views of one snapshot
+
+
+def run_history(run_id: str) -> dict:
+    """The snapshots of a run for the time slider: steps, files skipped, and a note for old runs."""
+    run = runs.open_run(run_id)
+    found = list_snapshots(run.path)
+    info = run.config.get("snapshots")
+    note = None
+    if info is None:
+        note = ("This run was saved before training snapshots existed: only its final weights are there, so "
+                "the history cannot go back in time.")
+    elif not found:
+        note = "No snapshot yet: the first (step 0) is written when training starts."
+    return {"run_id": run_id, "steps": [s.step for s in found], "bytes": sum(s.bytes for s in found),
+            "budget_bytes": (info or {}).get("budget_bytes"), "note": note,
+            "probe": (info or {}).get("probe") or DEFAULT_PROBE}
+
+
+def _model_at(run: runs.Run, step: int | None) -> tuple[GPT, int | None]:
+    """The run's model with the weights of snapshot `step` (None: the run's final weights)."""
+    model = GPT(GPTConfig.from_dict(run.config["model"]))
+    if step is None:
+        path, source = run.path / "model.safetensors", "model.safetensors"
+        tensors = runs.load_tensors(path)
+    else:
+        snap = next((s for s in list_snapshots(run.path) if s.step == step), None)
+        if snap is None:
+            raise CorruptRunError(f"The snapshot of step {step} ({run.path / FOLDER / file_name(step)}) is missing.")
+        tensors, source = load_snapshot(snap), str(snap.path)
+    load_model_weights(model, tensors, source=source)
+    return model.eval(), step
+
+
+def views(run_id: str, step: int | None, query: str | None = None, neighbours: int = 8) -> dict:
+    """Everything the time slider redraws for one snapshot: a sample continuing the probe text, the
+    per-token loss of the probe, the attention maps on it, the embedding map and neighbours, and
+    the position similarity. A damaged snapshot raises CorruptRunError naming its file."""
+    run = runs.open_run(run_id)
+    tokenizer = load_tokenizer(run.path / "tokenizer.json")
+    model, _ = _model_at(run, step)
+    probe = run_history(run_id)["probe"]
+    ids = tokenizer.encode(probe)[:min(PROBE_TOKENS, model.config.context_length)]
+    with torch.no_grad():
+        prompt = torch.tensor([ids[: max(1, len(ids) // 3)]])
+        out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.0)
+        losses = per_token_loss(model, ids).tolist() if len(ids) > 1 else []
+        attention = model.attention_maps(torch.tensor([ids])).float()  # (L, H, T, T)
+    projection = embeddings.embedding_map(model)
+    labels = [visible(tokenizer.token_text(i)) for i in range(model.config.vocab_size)]
+    result = {"step": step, "prompt": tokenizer.decode(prompt[0].tolist()),
+              "continuation": tokenizer.decode(out[0, prompt.shape[1]:].tolist()),
+              "tokens": [visible(tokenizer.token_text(i)) for i in ids], "losses": losses,
+              "attention": attention.tolist(), "map": projection.coords.tolist(),
+              "explained": projection.explained.tolist(), "labels": labels, "neighbours": None, "query_error": None}
+    if query:
+        try:
+            token_id = embeddings.find_token(tokenizer, query)
+            result["neighbours"] = [(labels[i], round(c, 4)) for i, c in
+                                    embeddings.nearest_neighbours(embeddings.token_embeddings(model), token_id, neighbours)]
+            result["query_id"] = token_id
+        except GlassBoxError as e:
+            result["query_error"] = str(e)
+    similarity = embeddings.position_similarity(model)
+    result["positions"] = similarity.tolist() if similarity is not None else None
+    return result
+
+
+def loadable_steps(run_id: str) -> tuple[list[int], list[str]]:
+    """Snapshot steps whose files open, and a sentence for each that does not (named and skipped)."""
+    run = runs.open_run(run_id)
+    good, skipped = [], []
+    for snap in list_snapshots(run.path):
+        try:
+            runs.tensors_metadata(snap.path)
+            good.append(snap.step)
+        except GlassBoxError as e:
+            skipped.append(f"Skipped the snapshot of step {snap.step}: {e}")
+    return good, skipped

@@ -100,6 +100,8 @@ class RunHooks(TrainHooks):
                 f"Could not save a checkpoint at step {state.step} ({e.strerror or e}); {kept}. "
                 "Free some disk space and resume."
             ) from None
+        if self.snapshot_plan is not None:  # the newest step is always in the history ("plus the last")
+            self.snapshot_plan.save(self.path, self.model, state.step)
 
 
 def train(run_id: str, model: torch.nn.Module, task: TrainTask, config: TrainConfig,

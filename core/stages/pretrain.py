@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from core.gpt import health
 from core.gpt.errors import GlassBoxError, TrainingError
 from core.gpt.model import GPT, PRESETS, GPTConfig, count_parameters, preset_config
 from core.gpt.pretrain import LanguageModelTask, default_tokenizer, encode_corpus, recipe
 from core.gpt.tokenizers import load_tokenizer, tokenizer_from_spec
-from core.gpt.train import TrainConfig, budget_progress, effective_warmup, learning_rate, train_step
+from core.gpt.train import TrainConfig, batch_generator, budget_progress, effective_warmup, learning_rate, train_step
 from core.lab import data, device as devices, jobs, runs, snapshots
 from core.lab.cli import option
 from core.lab.models import save_model_run
@@ -169,8 +170,10 @@ def run(settings: Settings, progress=print_progress) -> dict:
     plan = snapshots.Plan(int(settings.snapshot_mb * 2**20) if budget is None else budget, model)
     _say(settings, f"run {run_id}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}, "
                    f"{len(ids):,} tokens of {data_name}, device {devices.pick_device(settings.device).type}")
+    check = _device_check(settings, model, task, config)
     if rank == 0:
-        snap = {"budget_bytes": plan.budget_bytes, "bytes_per_snapshot": plan.one}
+        snap = {"budget_bytes": plan.budget_bytes, "bytes_per_snapshot": plan.one,
+                "probe": text[int(len(text) * (1 - val_fraction)):][:400]}
         if stored:
             runs.update_config(run_id, train=config.to_dict(), snapshots=snap)
         else:
@@ -180,13 +183,14 @@ def run(settings: Settings, progress=print_progress) -> dict:
                 "corpus_tokens": len(ids), "model": model_config.to_dict(), "train": config.to_dict(),
                 "world_size": world, "snapshots": snap}, parent=spec if cache_dir is not None else None)
             save_model_run(run_id, model, tokenizer)  # loadable at once, even before the first checkpoint
+        if check is not None:
+            runs.update_config(run_id, device_check=check)
     device = devices.pick_device(settings.device) if settings.device else None
     result = train(run_id, model, task, config, resume=settings.resume, device=device,
                    progress=None if settings.quiet else progress, snapshot_plan=plan)
     if rank != 0:  # every process returns; only rank 0 reports (its JSON is the last line)
         sys.stdout = open(os.devnull, "w")
     else:
-        plan.save(path, model, result["steps"], last=True)  # "plus the last"
         runs.update_config(run_id, disk_bytes=disk_bytes(path))
     return {"run_id": run_id, **result, "parameters": model.num_parameters(),
             "wall_s": round(time.perf_counter() - _T_START, 2)}
@@ -219,6 +223,19 @@ def encode_cached(tokenizer, text: str, cache_dir: Path | None = None) -> torch.
     _ENCODED.clear()  # keep one corpus in memory, not every one ever seen
     _ENCODED[key] = ids
     return ids
+
+
+def _device_check(settings: Settings, model, task, config: TrainConfig) -> dict | None:
+    """Before training on a GPU or MPS: one batch on the device and on the CPU must give one loss."""
+    device = devices.pick_device(settings.device)
+    if device.type == "cpu":
+        return None
+    inputs, targets = task.get_batch("train", 0, min(8, config.batch_size), batch_generator(config.seed, 0))
+    check = health.device_check(model, inputs, targets, device)
+    message = health.device_message(check)
+    if message:
+        _say(settings, "warning: " + message)
+    return check
 
 
 def disk_bytes(path) -> int:
@@ -277,9 +294,13 @@ def results(run_id: str) -> dict:
     """A pre-training run as page 4 draws it: config, state, metrics, samples and the summary."""
     run = runs.open_run(run_id)
     metrics = run.metrics()
+    reference = health.reference_for(run.config)
+    check = run.config.get("device_check")
     return {"run_id": run_id, "config": run.config, "state": run.state, "status": run.status,
             "metrics": metrics, "samples": run.samples(),
-            "summary": progress_summary(metrics, run.config.get("train"))}
+            "summary": progress_summary(metrics, run.config.get("train")), "reference": reference,
+            "health": [m.text for m in health.health_messages(metrics, reference)],
+            "device_message": health.device_message(check) if check else None}
 
 
 def run_ids() -> list[str]:
