@@ -196,3 +196,21 @@ def test_the_command_line_prints_json_last(lm, isolated_workspace):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["mean_loss"] == pytest.approx(result["forward_loss"], abs=1e-5)
+
+
+def test_an_imported_chat_model_gets_chatml_and_stops_at_the_end_of_its_turn(capsys):
+    from core.lab.tokenizer_files import ByteLevelBPE
+    from core.gpt.tokenizers import GPT2_SPLIT_PATTERN
+
+    specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+    tokenizer = ByteLevelBPE("toychat", GPT2_SPLIT_PATTERN, {bytes([b]): b for b in range(256)}, specials)
+    torch.manual_seed(0)
+    runs.create_run("chatty", "import", {})
+    models.save_model_run("chatty", GPT(preset_config("tiny", 259, context_length=256)), tokenizer)
+    result = cli_json(["generate", "--run", "chatty", "--prompt", "Hi", "--max-new-tokens", "5",
+                       "--force", "72,258"], capsys)
+    assert result["template"] == "chatml"
+    assert "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" in result["text"]
+    assert result["prompt_ids"].count(257) == 3  # system, user, assistant: one special id each
+    assert [s["token_id"] for s in result["steps"]] == [72, 258]  # <|im_end|> ends the reply
+    assert result["completion"] == "H<|im_end|>"

@@ -138,11 +138,11 @@ class Generation:
 def generate_steps(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None, forced: list[int] = (),
                    generator: torch.Generator | None = None, use_cache: bool = True,
-                   eos_id: int | None = None) -> Generation:
+                   stop_ids: tuple[int, ...] = ()) -> Generation:
     """Generate one token at a time and keep each step's three distributions.
 
     `forced` are tokens the learner picked: step n takes forced[n] instead of sampling while the
-    list lasts (a branch), then sampling goes on. Stops early after `eos_id`. The forced steps'
+    list lasts (a branch), then sampling goes on. Stops after any of `stop_ids` (end of text, end of turn). The forced steps'
     scores come from one pass over the whole text (`forced_logits`), not one pass per step.
     """
     check_sampling(temperature, top_k, top_p)
@@ -165,7 +165,7 @@ def generate_steps(model: GPT, prompt_ids: list[int], max_new_tokens: int, tempe
         token = int(forced[n]) if is_forced else choose_token(kept, temperature, generator)
         steps.append(Step(len(ids), token, is_forced, raw, tempered, kept))
         ids.append(token)
-        if token == eos_id:
+        if token in stop_ids:
             break
     seconds = (time.perf_counter() - started) / max(1, len(steps))
     return Generation(list(prompt_ids), ids, steps, cache, seconds)

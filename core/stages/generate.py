@@ -17,7 +17,7 @@ import torch
 
 from core.gpt import microscope
 from core.gpt.errors import GlassBoxError
-from core.gpt.instruct import format_prompt
+from core.gpt import chat
 from core.gpt.generate import check_sampling, filtered_probabilities, next_logits
 from core.lab import models, runs
 from core.lab.cli import option
@@ -56,11 +56,12 @@ class Subject:
         return f"<id {int(token_id)}>"
 
 
-def default_template(config: dict) -> str:
-    """Instruction-tuned runs answer in the Alpaca template; imported chat models in ChatML."""
-    if config.get("stage") == "instruct":
+def default_template(stage: str | None, tokenizer) -> str:
+    """Instruction-tuned runs answer in the Alpaca template; a model whose vocabulary has ChatML's
+    markers as special tokens (SmolLM2-Instruct) in ChatML; anything else continues plain text."""
+    if stage == "instruct":
         return "alpaca"
-    if "im_start" in str(config.get("chat_template", "")):
+    if chat.template_for(tokenizer).name == "chatml":
         return "chatml"
     return "none"
 
@@ -81,16 +82,22 @@ def open_subject(run_id: str) -> Subject:
         raise NotALanguageModel(
             f"Run {run_id!r} ({run.stage or 'no stage'}) holds no language model with weights yet.")
     model, tokenizer, config = models.load_model_run(run_id)
-    return Subject(run_id, model, tokenizer, default_template({**config, "stage": run.stage}), config)
+    return Subject(run_id, model, tokenizer, default_template(run.stage, tokenizer), config)
 
 
 def wrap_prompt(prompt: str, template: str) -> str:
-    """The prompt as the model was tuned to see it."""
-    if template == "alpaca":
-        return format_prompt({"instruction": prompt, "input": ""})
-    if template == "chatml":
-        return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    return prompt
+    """The prompt as the model was tuned to see it: one user turn in its chat template (core.gpt.chat)."""
+    if template == "none":
+        return prompt
+    return chat.TEMPLATES[template].render([{"role": "user", "content": prompt}])
+
+
+def stop_ids(subject: Subject, template: str) -> tuple[int, ...]:
+    """Tokens that end a generation: end-of-text, and the template's end-of-turn markers."""
+    found = {subject.tokenizer.eot_id} if getattr(subject.tokenizer, "eot_id", None) is not None else set()
+    if template != "none":
+        found |= chat.stop_ids(subject.tokenizer, chat.TEMPLATES[template])
+    return tuple(sorted(found))
 
 
 def encode(subject: Subject, text: str, keep: str = "end") -> tuple[list[int], str]:
@@ -167,7 +174,7 @@ def explore(subject: Subject, settings: Settings) -> dict:
         gen = microscope.generate_steps(
             subject.model, ids, settings.max_new_tokens, settings.temperature, settings.top_k,
             settings.top_p, forced=list(settings.force), generator=generator,
-            eos_id=getattr(subject.tokenizer, "eot_id", None))
+            stop_ids=stop_ids(subject, template))
     new_ids = gen.ids[len(ids):]
     return {
         "run_id": subject.run_id, "template": template, "note": note,
