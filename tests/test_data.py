@@ -113,3 +113,19 @@ def test_upload_round_trip_and_listing():
 def test_unknown_source_is_a_clear_error():
     with pytest.raises(DataError, match="Unknown data source 'nope'"):
         data.read_text("nope")
+
+
+def test_data_command_settings_round_trip_and_refuse_a_fetch_without_a_name():
+    import argparse
+
+    from core.lab import cli
+    from core.stages import data_cmd
+
+    for settings in (data_cmd.Settings(action="list"), data_cmd.Settings(action="fetch", name="the-verdict", timeout=3.0)):
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser, data_cmd.Settings)
+        assert cli.settings_from_args(data_cmd.Settings, parser.parse_args(cli.to_argv(settings))) == settings
+    with pytest.raises(DataError, match="which source"):
+        data_cmd.Settings(action="fetch")
+    result = data_cmd.run(data_cmd.Settings(action="list"))
+    assert {"python-docs", "tinyshakespeare"} <= {s["name"] for s in result["sources"]}
