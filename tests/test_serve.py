@@ -242,3 +242,25 @@ def test_serving_a_saved_run_from_the_command_line(isolated_workspace, tokenizer
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_properties_come_in_the_schemas_order(client):
+    reply = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=60, seed=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}})
+    assert list(json.loads(reply.choices[0].message.content)) == ["score", "reason"]
+
+
+def test_refusals_come_before_a_stream_starts_and_unknown_paths_are_json(server):
+    too_long = {**GOOD, "stream": True, "messages": [{"role": "user", "content": "word " * 2000}]}
+    code, body = post(server["url"], json.dumps(too_long).encode())
+    assert code == 400 and body["error"]["code"] == "context_length_exceeded"
+    bad_schema = {**GOOD, "stream": True, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}}
+    code, body = post(server["url"], json.dumps(bad_schema).encode())
+    assert code == 400 and body["error"]["param"] == "response_format"
+    request = urllib.request.Request(server["url"] + "/no-such-thing", headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 404 and "error" in json.loads(info.value.read())
+    assert post(server["url"], json.dumps(GOOD).encode())[0] == 200

@@ -203,6 +203,19 @@ class JsonConstraint:
         return self.guide.is_finished()
 
 
+def schema_regex(schema: dict) -> str:
+    """The regular expression outlines-core builds for a JSON schema (whitespace: one space at most)."""
+    try:
+        from outlines_core.json_schema import build_regex_from_schema  # optional: only JSON replies need it
+    except ImportError:
+        raise RequestError(400, "This server cannot enforce a JSON schema: the package 'outlines-core' "
+                                "is not installed.", "response_format") from None
+    try:
+        return build_regex_from_schema(json.dumps(schema), whitespace_pattern=r"[ ]?")
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise RequestError(400, f"The JSON schema cannot be enforced: {e}", "response_format") from None
+
+
 # ---------------------------------------------------------------------------- one served model
 
 
@@ -242,19 +255,22 @@ class Engine:
             raise RequestError(400, str(e), "messages", "context_length_exceeded") from None
         return self.tokenizer.encode(self.template.render(kept)), dropped
 
+    def max_tokens(self, request: ChatRequest) -> int:
+        return request.max_tokens or min(DEFAULT_MAX_TOKENS, self.context_length // 2)
+
+    def check(self, request: ChatRequest) -> None:
+        """Refuse, before any reply starts, a conversation that cannot fit or a schema that cannot
+        be enforced (a stream that has begun can no longer answer with a 4xx)."""
+        self.prompt(request.messages, self.max_tokens(request))
+        if request.schema is not None:
+            schema_regex(request.schema)
+
     def constraint(self, schema: dict) -> JsonConstraint:
-        try:
-            import outlines_core  # optional: only JSON-schema replies need it
-            from outlines_core.json_schema import build_regex_from_schema  # (the same optional package)
-        except ImportError:
-            raise RequestError(400, "This server cannot enforce a JSON schema: the package 'outlines-core' "
-                                    "is not installed.", "response_format") from None
-        key = json.dumps(schema, sort_keys=True)
+        import outlines_core  # optional: only JSON-schema replies need it (schema_regex checked it is here)
+
+        key = json.dumps(schema)
         if key not in self._indexes:
-            try:
-                regex = build_regex_from_schema(key, whitespace_pattern=r"[ ]?")
-            except (ValueError, TypeError, RuntimeError) as e:
-                raise RequestError(400, f"The JSON schema cannot be enforced: {e}", "response_format") from None
+            regex = schema_regex(schema)
             if self._vocabulary is None:
                 table: dict[bytes, list[int]] = {}
                 specials = self.tokenizer.special_ids()
@@ -275,7 +291,7 @@ class Engine:
         """The reply, piece by piece, as it is generated. `stats` (a dict) is kept up to date:
         tokens, KV-cache length and bytes, time to first token, tokens/s, finish reason."""
         stats = {} if stats is None else stats
-        max_tokens = request.max_tokens or min(DEFAULT_MAX_TOKENS, self.context_length // 2)
+        max_tokens = self.max_tokens(request)
         ids, dropped = self.prompt(request.messages, max_tokens)
         constraint = self.constraint(request.schema) if request.schema is not None else None
         seed = request.seed if request.seed is not None else secrets.randbits(63)
@@ -402,6 +418,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     async def completions(request: Request):
         _check_key(request, api_key)
         req = parse_request(await _read_json(request, max_body_bytes), engine.name, engine.context_length)
+        engine.check(req)
         if engine.waiting >= engine.max_queue:
             raise RequestError(429, f"{engine.waiting} requests are already waiting: try again soon.",
                                code="queue_full", kind="rate_limit_error")
