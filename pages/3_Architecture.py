@@ -1,11 +1,8 @@
-"""Stage 3 — The GPT architecture: size a model, follow a token through it, let it talk, compare two.
-
-1. Choose the shape (sliders, a preset, GPT-2's block or a modern one): counts update at once.
-2. Follow a short input through the model: every module's output shape, then the next token's scores.
-3. Generate text from the untrained model (gibberish, on purpose) or from any run on disk.
-4. Two configurations side by side: parameters, FLOPs and KV-cache bytes per token.
-5. Bring in OpenAI's GPT-2 weights from a folder (or the hub, when online).
-The lesson is core/gpt/model.py and core/gpt/sizes.py; this page calls core/stages/inspect.py and draws.
+"""Stage 3 — The GPT architecture: size a model (GPT-2's block or a modern one), follow an input through
+it (every module's output shape, the next token's scores), let it talk (untrained or a run on disk,
+with the microscope), compare two configurations (parameters, FLOPs and KV-cache bytes per token),
+and bring in OpenAI's GPT-2 weights. The lesson is core/gpt/model.py and core/gpt/sizes.py; this
+page calls core/stages/inspect.py and draws.
 """
 
 import html
@@ -18,6 +15,7 @@ from core.stages import inspect as stage
 from core.stages.inspect import PRESETS, GlassBoxError, GPTConfig, human_bytes
 from pages._ui import page_header, run_picker, show_error
 from pages._ui.code import code_behind
+from pages._ui.microscope import microscope_panel
 from pages._ui.model_figures import compare_bars, parameter_bar, readable, top_bars
 
 EMBD_OPTIONS = [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 576, 640, 768, 1024, 1280, 1600]
@@ -159,6 +157,8 @@ if talker is not None:
             code_behind(*stage.CODE["generate"])
     except GlassBoxError as e:
         show_error(e)
+if source == "A run on disk" and talker is not None:
+    microscope_panel(run_id, key="p3_scope", default_prompt="To be, or not")
 
 st.header("4. Two models side by side")
 st.write("What each idea costs: the modern preset keeps base's shape but rotates positions (no position "

@@ -92,6 +92,7 @@ def test_generate_from_the_untrained_model_and_from_a_run():
     button(at, "gen_go").click().run()
     assert not at.exception
     assert at.text[0].value.startswith("the fox")
+    assert any("microscope" in h.value.lower() for h in at.subheader)  # the run can be watched deciding
 
 
 def test_import_a_gpt2_folder_into_the_run_store(tmp_path):
