@@ -592,6 +592,7 @@ def test_the_server_key_never_leaves_for_an_endpoint_it_is_not_pinned_to(monkeyp
     ("http://169.254.169.254/latest/v1", "link-local"), ("http://127.0.0.1:8501/v1", "loopback"),
     ("http://[::1]:9000/v1", "loopback"), ("http://10.1.2.3/v1", "private"), ("http://localhost:9/v1", "loopback"),
     ("http://[::ffff:127.0.0.1]:9/v1", "loopback"), ("http://0.0.0.0:9/v1", "loopback"),
+    ("http://100.64.0.9/v1", "private"), ("http://[fe80::1]/v1", "link-local"),
 ])
 def test_non_public_judge_hosts_are_refused_unless_allowed(monkeypatch, url, kind):
     monkeypatch.delenv("GLASSBOX_JUDGE_ALLOW_HOSTS")

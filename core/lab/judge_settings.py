@@ -128,10 +128,10 @@ def host_kind(address: str) -> str | None:
         return "loopback"
     if ip.is_link_local:
         return "link-local"
-    if ip.is_private:
-        return "private"
     if ip.is_reserved or ip.is_multicast:
         return "reserved"
+    if ip.is_private or not ip.is_global:   # 10/8, 192.168/16, fc00::/7, 100.64/10 (carrier NAT), ...
+        return "private"
     return None
 
 
