@@ -60,6 +60,9 @@ def test_a_two_turn_conversation_streams_and_shows_its_prompt():
     assert spans.count(SPECIAL_STYLE) == prompt.count("<|im_start|>") + prompt.count("<|im_end|>")
     captions = [c.value for c in at.caption]
     assert any("core.gpt.chat.chatml_prompt" in c for c in captions)
+    at.button(key="chat_measure").click().run()
+    measured = [m.value for m in at.markdown if m.value.startswith("With the cache")]
+    assert not at.exception and len(measured) == 1 and "without it" in measured[0]
 
 
 def test_a_long_conversation_is_cut_with_a_visible_note():
@@ -70,3 +73,16 @@ def test_a_long_conversation_is_cut_with_a_visible_note():
         at.chat_input[0].set_value(f"message number {n} " * 3).run()
         assert not at.exception
     assert any("were cut" in i.value for i in at.info)
+
+
+def test_a_reply_cut_by_stop_is_kept_and_marked():
+    make_chat_run("stoppable")
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["chat_history_stoppable"] = [{"role": "user", "content": "Tell me a story"}]
+    at.session_state["chat_partial"] = {"run": "stoppable", "text": "Once upon", "done": False}
+    at.run()
+    assert not at.exception
+    assert [m.name for m in at.chat_message] == ["user", "assistant"]
+    assert "Once upon" in all_text(at) and any("stopped" in c.value for c in at.caption)
+    at.run()  # the cut reply is recorded once, not again on every rerun
+    assert len(at.chat_message) == 2

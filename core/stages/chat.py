@@ -49,7 +49,7 @@ def reply(engine: serve.Engine, messages: list[dict], stats: dict, temperature: 
         raise chat.ChatError(e.message) from None
 
 
-def speed_with_and_without_cache(engine: serve.Engine, prompt_ids: list[int], n_tokens: int = 16) -> dict:
+def speed_with_and_without_cache(engine: serve.Engine, prompt_ids: list[int], n_tokens: int = 8) -> dict:
     """Tokens per second of greedy decoding after this prompt, with the KV cache and without it."""
     ids = prompt_ids[-(engine.context_length - n_tokens):]
     with_cache = seconds_per_token(engine.model, ids, n_tokens, use_cache=True)
