@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from pages._ui import STAGES
+from pages._ui import BEYOND, STAGES
 
+REPO = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^`([\w.]+)`$")
 
 
@@ -45,9 +47,9 @@ def panels(at: AppTest):
     return found
 
 
-@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.file)
+@pytest.mark.parametrize("stage", STAGES + BEYOND, ids=lambda s: s.file)
 def test_every_stage_page_shows_the_live_source_of_what_it_names(stage):
-    at = AppTest.from_file(stage.file, default_timeout=90).run()
+    at = AppTest.from_file(str(REPO / stage.file), default_timeout=90).run()
     assert not at.exception, [e.value for e in at.exception]
     listed = [pair for _, pairs in panels(at) for pair in pairs]
     assert listed, f"{stage.file} has no 'code behind this' panel"
