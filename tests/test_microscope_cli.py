@@ -12,8 +12,9 @@ import torch
 from core.__main__ import main
 from core.gpt.instruct import format_prompt
 from core.gpt.model import GPT, preset_config
-from core.gpt.tokenizers import train_bpe
+from core.gpt.tokenizers import GPT2_SPLIT_PATTERN, train_bpe
 from core.lab import cli, models, runs
+from core.lab.tokenizer_files import ByteLevelBPE
 from core.stages import generate, lens, surprise
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,9 +200,6 @@ def test_the_command_line_prints_json_last(lm, isolated_workspace):
 
 
 def test_an_imported_chat_model_gets_chatml_and_stops_at_the_end_of_its_turn(capsys):
-    from core.lab.tokenizer_files import ByteLevelBPE
-    from core.gpt.tokenizers import GPT2_SPLIT_PATTERN
-
     specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
     tokenizer = ByteLevelBPE("toychat", GPT2_SPLIT_PATTERN, {bytes([b]): b for b in range(256)}, specials)
     torch.manual_seed(0)

@@ -46,10 +46,29 @@ def _subject(run_id: str, stamp: float) -> generate.Subject:
     return generate.open_subject(run_id)
 
 
+def _stamp(run_id: str) -> float:
+    weights = runs.open_run(run_id).file("model.safetensors")
+    return weights.stat().st_mtime if weights.is_file() else 0.0
+
+
 def load_subject(run_id: str) -> generate.Subject:
     """The run's model, loaded once per version of its weights."""
-    weights = runs.open_run(run_id).file("model.safetensors")
-    return _subject(run_id, weights.stat().st_mtime if weights.is_file() else 0.0)
+    return _subject(run_id, _stamp(run_id))
+
+
+VIEWS = {"generate": (generate.explore, generate.Settings), "surprise": (surprise.score, surprise.Settings),
+         "lens": (lens.read, lens.Settings)}
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _view(view: str, run_id: str, stamp: float, **fields) -> dict:
+    compute, settings = VIEWS[view]
+    return compute(_subject(run_id, stamp), settings(run=run_id, **fields))
+
+
+def computed(view: str, run_id: str, **fields) -> dict:
+    """A view's result, remembered: a click in one tab does not recompute the other two."""
+    return _view(view, run_id, _stamp(run_id), **fields)
 
 
 def label(subject: generate.Subject, token_id: int) -> str:
@@ -148,9 +167,9 @@ def generator_view(run_id: str, key: str, default_prompt: str = DEFAULT_TEXT, te
         if chosen != "none":
             st.caption(f"This run's prompts go in the **{chosen}** template: the model sees it around your text.")
         path = _path(key, (run_id, prompt, chosen))
-        result = generate.explore(subject, generate.Settings(
-            run=run_id, prompt=prompt, max_new_tokens=len(path) + 1 + PREVIEW, template=chosen,
-            force=tuple(i for i, _ in path), show=CANDIDATES, **{**settings, "seed": settings["seed"] + len(path)}))
+        result = computed("generate", run_id, prompt=prompt, max_new_tokens=len(path) + 1 + PREVIEW,
+                          template=chosen, force=tuple(i for i, _ in path), show=CANDIDATES,
+                          **{**settings, "seed": settings["seed"] + len(path)})
     except GlassBoxError as e:
         show_error(e)
         return
@@ -247,8 +266,7 @@ def surprise_view(run_id: str, key: str, default_text: str = DEFAULT_TEXT, instr
             prompt = st.text_input("Instruction (the answer is scored after it, in the run's template)",
                                    instruction or "Rewrite the sentence in the passive voice.",
                                    key=f"{key}_surprise_instruction")
-        result = surprise.score(subject, surprise.Settings(run=run_id, text=text, prompt=prompt,
-                                                                 template=chosen))
+        result = computed("surprise", run_id, text=text, prompt=prompt, template=chosen)
     except GlassBoxError as e:
         show_error(e)
         return
@@ -288,7 +306,7 @@ def lens_view(run_id: str, key: str, default_text: str = DEFAULT_TEXT) -> None:
         c1, c2 = st.columns(2)
         layer = c1.selectbox("Attention of block", range(cfg.n_layer), key=f"{key}_lens_layer")
         head = c2.selectbox("Head", range(cfg.n_head), key=f"{key}_lens_head")
-        result = lens.read(subject, lens.Settings(run=run_id, text=text, layer=int(layer), head=int(head)))
+        result = computed("lens", run_id, text=text, layer=int(layer), head=int(head))
     except GlassBoxError as e:
         show_error(e)
         return
