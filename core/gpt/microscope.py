@@ -114,14 +114,15 @@ def kv_cache_layout(cache: KVCache) -> list[dict]:
             for layer, (k, v) in enumerate(zip(cache.keys, cache.values))]
 
 
-def forced_logits(model: GPT, prompt_ids: list[int], forced: list[int]):
-    """Scores (len(forced), V) of every forced step from ONE pass over prompt + forced tokens.
+def forced_logits(model: GPT, prompt_ids: list[int], forced: list[int], cache: KVCache | None = None):
+    """Scores (len(forced), V) of every forced step from ONE pass over the prompt and the forced tokens.
 
     Teacher forcing: position t's output is the model's guess for token t + 1, exactly what a step
     of generation computes after the same tokens (causal attention cannot see what comes later).
+    The newest token is not read yet, so a cache is left as after a step: everything but it.
     """
-    idx = torch.tensor([list(prompt_ids) + list(forced)])  # (1, T)
-    hidden = model.hidden_states(idx)[0, len(prompt_ids) - 1:-1]  # (len(forced), C)
+    seen = torch.tensor([list(prompt_ids) + list(forced[:-1])])  # (1, T)
+    hidden = model.hidden_states(seen, cache)[0, len(prompt_ids) - 1:]  # (len(forced), C)
     return model.lm_head(hidden)
 
 
@@ -153,7 +154,7 @@ def generate_steps(model: GPT, prompt_ids: list[int], max_new_tokens: int, tempe
     cache = KVCache(model.config, 1, model.wte.weight.device, model.wte.weight.dtype) if use_cache else None
     started = time.perf_counter()
     fits = len(prompt_ids) + len(forced) <= model.config.context_length
-    taught = forced_logits(model, prompt_ids, forced[:max_new_tokens]) if forced and fits else None
+    taught = forced_logits(model, prompt_ids, forced[:max_new_tokens], cache) if forced and fits else None
     for n in range(max_new_tokens):
         if taught is not None and n < len(taught):
             logits = taught[n]

@@ -99,7 +99,9 @@ def _path(key: str, identity: tuple) -> list:
     return st.session_state[f"{key}_path"]
 
 
-def _sampler_controls(key: str) -> dict:
+def sampler_controls(key: str) -> dict:
+    """Temperature, top-k, top-p and seed widgets (keys `{key}_temperature` ...), shared with the chat
+    page: returns {"temperature", "top_k" (None = off), "top_p" (None = off), "seed"}."""
     c1, c2, c3, c4 = st.columns(4)
     temperature = c1.slider("Temperature", 0.0, 2.0, 1.0, 0.05, key=f"{key}_temperature",
                             help="0 means greedy: always the top token.")
@@ -160,7 +162,7 @@ def _text_so_far(subject, result: dict, path: list, current: dict | None, previe
 def generator_view(run_id: str, key: str, default_prompt: str = DEFAULT_TEXT, template: str | None = None) -> None:
     """Generation one token at a time with its three distributions and the KV cache."""
     prompt = st.text_area("Prompt", default_prompt, key=f"{key}_prompt", height=80)
-    settings = _sampler_controls(key)
+    settings = sampler_controls(key)
     try:
         subject = load_subject(run_id)
         chosen = template or subject.template
