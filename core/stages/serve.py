@@ -31,15 +31,15 @@ class ServeError(GlassBoxError):
 class Settings:
     run: str = option(help="the run to serve (an instruction-tuned, DPO or imported model)", metavar="ID")
     host: str = option("127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    port: int = option(8000, help="port to listen on (default 8000; 0 picks a free one)", metavar="P")
+    port: int = option(8000, help="port to listen on (default 8000)", metavar="P")
     api_key_env: str | None = option(None, metavar="NAME",
                                      help="environment variable holding a bearer token clients must send")
 
     def __post_init__(self):
         if not isinstance(self.run, str) or not self.run:
             raise ServeError("Name the run to serve with --run ID.")
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ServeError(f"--port must be between 0 and 65535, not {self.port!r}.")
+        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ServeError(f"--port must be between 1 and 65535, not {self.port!r}.")
 
 
 def api_key(settings: Settings) -> str | None:
