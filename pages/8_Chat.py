@@ -13,6 +13,8 @@ from pages._ui import no_remote_images, show_error
 from pages._ui.code import code_behind
 from pages._ui.tokens import spans_of, token_spans_html
 
+SHOW_TOKENS = 1_500
+
 st.title("💬 Stage 8: Chat with your model")
 st.caption("A chat is text too: the conversation is written out in the model's template, and the "
            "model continues it until it writes its end-of-turn marker.")
@@ -101,8 +103,10 @@ with left:
         specials = engine.tokenizer.special_ids()
         st.caption(f"{len(view['ids']):,} tokens; special tokens are dark, one id each "
                    f"({', '.join(sorted(engine.tokenizer.token_text(i) for i in specials)[:6])})")
-        st.markdown(token_spans_html(spans_of(engine.tokenizer, view["ids"]), show_ids=True),
-                    unsafe_allow_html=True)
+        shown = view["ids"][-SHOW_TOKENS:]  # every token is a coloured label: a long prompt is many MB of HTML
+        if len(shown) < len(view["ids"]):
+            st.caption(f"Drawing the last {SHOW_TOKENS:,} of {len(view['ids']):,} tokens.")
+        st.markdown(token_spans_html(spans_of(engine.tokenizer, shown), show_ids=True), unsafe_allow_html=True)
 with right:
     if stats:
         st.metric("KV cache", f"{stats.get('kv_cache_tokens', 0):,} / {engine.context_length:,} tokens")
