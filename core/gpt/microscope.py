@@ -143,8 +143,9 @@ def generate_steps(model: GPT, prompt_ids: list[int], max_new_tokens: int, tempe
     """Generate one token at a time and keep each step's three distributions.
 
     `forced` are tokens the learner picked: step n takes forced[n] instead of sampling while the
-    list lasts (a branch), then sampling goes on. Stops after any of `stop_ids` (end of text, end of turn). The forced steps'
-    scores come from one pass over the whole text (`forced_logits`), not one pass per step.
+    list lasts (a branch), then sampling goes on. The forced steps' scores come from one pass over
+    the whole text (`forced_logits`), not one pass each. Stops after any of `stop_ids` (end of
+    text, end of a turn).
     """
     check_sampling(temperature, top_k, top_p)
     if not prompt_ids:

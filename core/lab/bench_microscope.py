@@ -25,6 +25,7 @@ import torch
 from core.gpt import microscope
 from core.gpt.generate import KVCache, next_logits
 from core.gpt.model import GPT, preset_config
+from core.lab.bench import matmul_gflops
 from core.lab.models import generation_threads
 
 BASE_VOCAB = 1000  # our BPE for the `base` preset (stage 4's default size)
@@ -103,6 +104,8 @@ def bench_model(preset: str, vocab_size: int | None = None, repeats: int = 3) ->
 def bench_microscope(quick: bool = False) -> dict:
     """Latency of each microscope view: `base` (and, unless quick, GPT-2 124M's shape)."""
     result = {"threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2),
+              # the machine's matmul speed right now (~330 GFLOP/s on 2 quiet cores): scales the rest
+              "matmul_gflops": round(matmul_gflops(sizes=(1024,), repeats=3)["matmul_gflops"], 1),
               "base": bench_model("base", BASE_VOCAB)}
     if not quick:
         result["gpt2-124m"] = bench_model("gpt2-124m", repeats=1)  # ~1 minute on 2 busy cores
