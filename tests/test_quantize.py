@@ -87,8 +87,11 @@ def test_int8_and_q4_1_models_stay_close_and_leave_the_original_alone():
     scale = ref.abs().max().item()
     assert 0 < (out8 - ref).abs().max().item() < 0.05 * scale
     assert 0 < (out4 - ref).abs().max().item() < 0.2 * scale
-    assert not torch.equal(q4.wte.weight, q4.lm_head.weight)  # the token table stays fp32, the head is 4-bit
-    assert torch.equal(q4.wte.weight, model.wte.weight)
+    assert torch.equal(q4.wte.weight, model.wte.weight) and q4.lm_head.weight is q4.wte.weight  # kept, tied
+    assert not torch.equal(q4.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    # storing 4-bit weights again changes nothing: a Q4_1 GGUF's weights survive the round trip
+    again = LQ.q4_1_model(q4)
+    assert torch.allclose(again.blocks[1].mlp.fc.weight, q4.blocks[1].mlp.fc.weight, atol=1e-6)
 
 
 def test_compare_models_reports_loss_and_speed_per_precision():

@@ -355,7 +355,7 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's spelling of bytes as printable characters (the vocabulary files store tokens so):
     printable bytes stand for themselves, the other 68 are moved to code points 256 and up
     (a space is 'Ġ', a newline 'Ċ')."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -473,8 +473,9 @@ def gguf_architecture_of(config: GPTConfig) -> str:
     raise UnsupportedGGUFError(
         "This model mixes the GPT-2 and the Llama block (positions "
         f"{config.position}, norm {config.norm}, feed-forward {config.mlp}"
-        f"{', grouped-query attention' if config.kv_heads != config.n_head else ''}): llama.cpp computes GPT-2 (learned, layernorm, gelu) or Llama "
-        "(rope, rmsnorm, swiglu), not a mixture.")
+        f"{', grouped-query attention' if config.kv_heads != config.n_head else ''}): "
+        "the standard layouts (Hugging Face, GGUF) hold GPT-2's block (learned, layernorm, gelu) or Llama's "
+        "(rope, rmsnorm, swiglu), not a mixture. The run itself works everywhere in Glass Box.")
 
 
 def tokenizer_tables(tokenizer, vocab_size: int) -> dict:

@@ -207,7 +207,8 @@ def tensors_to_hf_llama(model: GPT) -> dict:
         for kind in kinds:
             wq, wk, wv = get(o + f"attn.qkv.{kind}").split([q, kv, kv])
             out.update({p + f"self_attn.q_proj.{kind}": wq, p + f"self_attn.k_proj.{kind}": wk,
-                        p + f"self_attn.v_proj.{kind}": wv, p + f"self_attn.o_proj.{kind}": get(o + f"attn.proj.{kind}")})
+                        p + f"self_attn.v_proj.{kind}": wv,
+                        p + f"self_attn.o_proj.{kind}": get(o + f"attn.proj.{kind}")})
             gate, up = get(o + f"mlp.fc.{kind}").split([ffn, ffn])
             out.update({p + f"mlp.gate_proj.{kind}": gate, p + f"mlp.up_proj.{kind}": up,
                         p + f"mlp.down_proj.{kind}": get(o + f"mlp.proj.{kind}")})

@@ -67,8 +67,13 @@ def run(settings: Settings, progress=None) -> dict:
         path = save_hf_llama(model, out, tokenizer)
     else:
         path = save_hf_gpt2(model, out, tokenizer)
-    return {"path": str(path.resolve()), "run_id": settings.run, "format": settings.format,
-            "architecture": architecture}
+    result = {"path": str(path.resolve()), "run_id": settings.run, "format": settings.format,
+              "architecture": architecture}
+    if settings.format == "gguf" and architecture == "gpt2" and model.config.gelu == "exact":
+        result["note"] = ("llama.cpp's GPT-2 computes GELU's tanh approximation; this model was trained with the "
+                          "exact GELU, so llama.cpp's logits differ from the run's a little "
+                          "(by 3e-4 on a small random model here).")
+    return result
 
 
 def print_progress(record: dict) -> None:
