@@ -21,7 +21,10 @@ st.caption("A chat is text too: the conversation is written out in the model's t
 
 run_ids = stage.chat_runs()
 if not run_ids:
-    st.info("No chat model yet: instruction-tune a run in stage 6, run DPO, or import SmolLM2.")
+    st.info("No chat model yet: instruction-tune a run in stage 6, run DPO, or import SmolLM2 "
+            "(`python -m core import --from smollm2-135m-instruct`).")
+    code_behind(*CODE["alpaca"], *CODE["chatml"], title="The code behind a chat prompt (the two chat templates)")
+    code_behind(*CODE["generation"], title="The code behind a streamed reply")
     st.stop()
 run_id = st.selectbox("Model", run_ids, key="chat_run")
 
