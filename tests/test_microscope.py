@@ -11,6 +11,7 @@ from core.gpt import microscope as m
 from core.gpt.errors import GlassBoxError, ModelConfigError
 from core.gpt.model import GPT, GPTConfig, preset_config
 from core.lab.bench_microscope import bench_model
+from core.lab.gpt2 import save_hf_gpt2
 
 SETTINGS = [  # (temperature, top_k, top_p)
     (1.0, None, None), (0.7, None, None), (1.8, 5, None), (1.0, None, 0.5), (0.5, 10, 0.9),
@@ -244,3 +245,23 @@ def test_the_latency_bench_reports_every_view():
         assert figures[f"{view}_s"] > 0
     assert figures["parameters"] == GPT(preset_config("tiny", 100)).num_parameters()
     assert isinstance(figures["within_targets"], bool)
+
+
+def test_per_token_loss_and_the_lens_agree_with_transformers(tmp_path):
+    """An independent reference: the same GPT-2-shaped weights in Hugging Face's GPT2LMHeadModel.
+    Its hidden_states[i] (i < L) is the residual after block i - 1; the last one already has ln_f."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(3)
+    ours = GPT(preset_config("tiny", 97, qkv_bias=True, gelu="tanh")).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(save_hf_gpt2(ours, tmp_path / "hf")).eval()
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_hidden_states=True)
+        hf_losses = F.cross_entropy(out.logits[0, :-1], torch.tensor(ids[1:]), reduction="none")
+        assert torch.allclose(m.per_token_loss(ours, ids), hf_losses, atol=1e-4)
+        lens = m.logit_lens(ours, ids)
+        for layer, hidden in enumerate(out.hidden_states[:-1]):
+            probs = torch.softmax(hf.lm_head(hf.transformer.ln_f(hidden))[0], -1)
+            assert lens["top_ids"][layer, :, 0].tolist() == probs.argmax(-1).tolist()
+            assert torch.allclose(lens["top_probs"][layer, :, 0], probs.max(-1).values, atol=1e-4)
