@@ -129,3 +129,10 @@ def test_data_command_settings_round_trip_and_refuse_a_fetch_without_a_name():
         data_cmd.Settings(action="fetch")
     result = data_cmd.run(data_cmd.Settings(action="list"))
     assert {"python-docs", "tinyshakespeare"} <= {s["name"] for s in result["sources"]}
+
+
+def test_the_preference_data_is_registered_and_checked(shared_data):
+    path = data.locate("instruction-data-with-preference")
+    assert path.name == "instruction-data-with-preference.json"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SOURCES["instruction-data-with-preference"].sha256
+    assert data.SOURCES["instruction-data-with-preference"].kind == "preferences"

@@ -41,7 +41,7 @@ Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or No
 class DataSource:
     name: str
     filename: str
-    kind: str  # "text", "sms", "instructions", "judge-eval"
+    kind: str  # "text", "sms", "instructions", "judge-eval", "preferences"
     bytes: int | None
     sha256: str | None
     url: str | None
@@ -101,6 +101,15 @@ SOURCES: dict[str, DataSource] = {
             "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/03_model-evaluation/eval-example-data.json",
             "Apache-2.0", "rasbt/LLMs-from-scratch",
             "100 instructions answered by two models, for comparing them with a judge.",
+        ),
+        DataSource(
+            "instruction-data-with-preference", "instruction-data-with-preference.json", "preferences", 386968,
+            "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+            "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+            "instruction-data-with-preference.json",
+            "Apache-2.0", "rasbt/LLMs-from-scratch",
+            "1,100 instruction records with a polite `chosen` and an impolite `rejected` answer (reference book, "
+            "DPO notebook).",
         ),
     ]
 }
