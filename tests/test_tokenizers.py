@@ -571,15 +571,24 @@ def test_special_tokens_are_highlighted_and_hover_text_is_escaped(small_bpe):
     assert readable_token(t, t.encode(" b")[0]) == "·b"
 
 
-def test_a_vocabulary_missing_some_bytes_refuses_only_text_with_them(small_bpe):
-    """SmolLM2 has no token for a few control bytes (4, 6, 19, ...): such text gets a clear error."""
+def test_a_byte_without_a_token_is_dropped_as_transformers_does(small_bpe):
+    """SmolLM2 has no token for a few control bytes (4, 6, 19, ...); its own tokenizer drops them."""
     ranks = {data: i + 3 for i, data in enumerate(small_bpe.token_bytes) if data not in (b"\x04", b"\x06")}
     t = tf.ByteLevelBPE("holes", small_bpe.pattern, ranks, CHATML, eot_token="<|im_end|>")
+    assert t.missing_bytes == b"\x04\x06" and t.vocab_size == max(ranks.values()) + 1
     assert t.decode(t.encode("fine text 🙂")) == "fine text 🙂"
-    with pytest.raises(TokenizerError, match=r"'\\x04' at position 3"):
-        t.encode("abc\x04def")
-    with pytest.raises(TokenizerError, match="0x06"):
-        t.encode_ordinary("\x06")
+    ids = t.encode("abc\x04def\x06")
+    assert all(i < t.vocab_size for i in ids) and t.decode(ids) == "abcdef"
+    assert t.encode_ordinary("\x06") == []
     loaded = tf.tokenizer_from_dict(json.loads(json.dumps(t.to_dict())))
+    assert loaded.encode("abc\x04def\x06") == ids and loaded.vocab_size == t.vocab_size
     with pytest.raises(TokenizerError):
-        loaded.encode("\x04")
+        t.decode([t.vocab_size])  # a placeholder id is not a token
+
+
+def test_a_colour_callback_colours_spans_and_only_colours_pass(small_bpe):
+    spans = tok.token_spans(small_bpe, "ab cd")
+    out = token_spans_html(spans, colour=lambda s: "rgba(220, 38, 38, 0.5)")
+    assert out.count("background:rgba(220, 38, 38, 0.5)") == len(spans)
+    with pytest.raises(ValueError):
+        token_spans_html(spans, colour=lambda s: 'red;" onmouseover="alert(1)')

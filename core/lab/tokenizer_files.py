@@ -19,7 +19,6 @@ import base64
 import functools
 import importlib.util
 import json
-import re
 import time
 from pathlib import Path
 from typing import Iterable
@@ -66,28 +65,24 @@ class ByteLevelBPE(tok.Tokenizer):
     def __init__(self, name: str, pattern: str, ranks: dict[bytes, int], special_tokens: dict[str, int],
                  eot_token: str = tok.ENDOFTEXT):
         _check_ranks(ranks, special_tokens, eot_token)
+        # A byte without a token of its own (SmolLM2 has none for 6 control characters and for 15
+        # bytes that UTF-8 never or rarely uses) is dropped from the ids, as transformers' tokenizer
+        # does: tiktoken gets a placeholder id above the vocabulary for it, removed after encoding.
+        top = max([*ranks.values(), *special_tokens.values()]) + 1
+        self.missing_bytes = bytes(b for b in range(256) if bytes([b]) not in ranks)
+        placeholders = {bytes([b]): top + n for n, b in enumerate(self.missing_bytes)}
         try:
             regex.compile(pattern)
-            encoding = tiktoken.Encoding(name=str(name), pat_str=pattern, mergeable_ranks=dict(ranks),
+            encoding = tiktoken.Encoding(name=str(name), pat_str=pattern, mergeable_ranks={**ranks, **placeholders},
                                          special_tokens=dict(special_tokens))
         except (regex.error, ValueError, TypeError) as exc:
             raise TokenizerError(f"The byte-level BPE {name!r} cannot be built: {exc}") from None
         self.ranks = dict(ranks)
         self._setup(encoding, eot_token)
-        # Bytes without a token of their own (SmolLM2 has none for 6 control characters and for
-        # bytes that valid UTF-8 never or rarely uses): text holding them is refused clearly,
-        # where tiktoken would fail inside its Rust code.
-        missing = [b for b in range(256) if bytes([b]) not in self.ranks]
-        self._missing = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in missing) + b"]") if missing else None
+        self.vocab_size, self._n_known = top, len(ranks) + len(special_tokens)
 
-    def _check_bytes(self, text: str) -> str:
-        text = tok.check_utf8(tok.check_text(text))
-        found = self._missing.search(text.encode("utf-8")) if getattr(self, "_missing", None) else None
-        if found:
-            at = len(text.encode("utf-8")[:found.start()].decode("utf-8", errors="ignore"))
-            raise TokenizerError(f"The {self.name} vocabulary cannot spell the character {text[at]!r} at position "
-                                 f"{at} (it has no token for byte 0x{found.group()[0]:02x}).")
-        return text
+    def _real(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if i < self.vocab_size] if getattr(self, "missing_bytes", None) else ids
 
     def _setup(self, encoding: tiktoken.Encoding, eot_token: str) -> None:
         self.encoding = encoding
@@ -118,11 +113,11 @@ class ByteLevelBPE(tok.Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         """Special tokens written in the text (``<|endoftext|>``, ``<|im_start|>``) become their ids."""
-        return self.encoding.encode(self._check_bytes(text), allowed_special="all")
+        return self._real(self.encoding.encode(tok.check_utf8(tok.check_text(text)), allowed_special="all"))
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Like ``encode``, but marker-like text stays text (for what a user typed)."""
-        return self.encoding.encode_ordinary(self._check_bytes(text))
+        return self._real(self.encoding.encode_ordinary(tok.check_utf8(tok.check_text(text))))
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode_bytes(self._check_ids(ids)).decode("utf-8", errors="replace")
