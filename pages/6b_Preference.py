@@ -30,6 +30,7 @@ with st.expander("The idea in four lines", expanded=False):
         "model π finds the answer than the frozen reference π_ref\n"
         "- **loss** = −log σ(r(chosen) − r(rejected)); at step 0 π = π_ref, so the loss is ln 2 ≈ 0.693\n"
         "- **reward accuracy** = the share of held-out pairs with r(chosen) > r(rejected)")
+code_behind(*stage.CODE["loss"], *stage.CODE["log-probs"])
 
 # ---------------------------------------------------------------------------- 1. set up a run
 st.header("1 · Set up a preference-tuning run")
@@ -122,7 +123,6 @@ def draw(run_id: str) -> None:
 
 
 live_panel(chosen_run, draw, key="prefer")
-code_behind(*stage.CODE["loss"], *stage.CODE["log-probs"])
 
 # ---------------------------------------------------------------------------- 3. side by side
 st.header("3 · SFT and DPO answers, side by side")

@@ -339,3 +339,20 @@ def test_settings_round_trip_through_the_command_line():
     assert argv[argv.index("--lora-targets") + 1] == "qkv,mlp" and "--minutes" not in argv
     again = cli.settings_from_args(stage.Settings, build_parser("prefer").parse_args(argv))
     assert again == settings
+
+
+def test_a_stage_6_lora_run_with_adapter_safetensors_opens_as_parent_plus_adapter(sft_run):
+    model, _, _ = adapters.load_run("sft")
+    lora.add_lora(model, rank=2, targets=("qkv",))
+    torch.manual_seed(3)
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    runs.create_run("sft-lora", "instruct", {"lora": {"parent": "sft", "rank": 2, "alpha": 2.0,
+                                                      "targets": ["qkv"], "matrices": 2}})
+    runs.save_tensors(runs.run_dir("sft-lora") / "adapter.safetensors",
+                      {k: v.detach().contiguous() for k, v in lora.lora_tensors(model).items()})
+    assert "sft-lora" in stage.start_runs()
+    merged, _, _ = adapters.load_run("sft-lora")
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(x)[0] - model.eval()(x)[0]).abs().max() <= 1e-5

@@ -193,6 +193,11 @@ class DPOTask(TrainTask):
                         "val": [encode_pair(tokenizer, r, prompt_format) for r in val]}
         self.val_reference: list[torch.Tensor] | None = None  # computed once: the reference never changes
 
+    def prepare(self, config, device) -> None:
+        super().prepare(config, device)
+        if self.reference is not None:
+            self.reference.to(device)  # the loop moves the policy; the reference goes with it
+
     def check_reference(self, model) -> None:
         if self.reference is None and not lora_layers(model):
             raise PreferenceError("DPO needs a frozen reference model (or a LoRA model whose adapters can be switched off).")
@@ -227,7 +232,7 @@ class DPOTask(TrainTask):
         policies, refs = [], []
         for i, start in enumerate(range(0, len(pairs), n)):
             x, y = (t.to(device) for t in self.collate(pairs[start:start + n]))
-            _, policy, ref = self.pair_loss(model, x, y, self.val_reference[i] if cached else None)
+            _, policy, ref = self.pair_loss(model, x, y, self.val_reference[i].to(device) if cached else None)
             policies.append(policy)
             refs.append(ref)
         self.val_reference = refs

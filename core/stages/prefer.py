@@ -127,7 +127,7 @@ def load_start(from_run: str):
     if run.stage not in START_STAGES:
         raise RunError(f"Run {from_run!r} is a {run.stage!r} run; DPO starts from a model that already "
                        "follows instructions: a stage-6 run, an imported model, or another DPO run.")
-    if not run.has_weights():
+    if not adapters.has_weights(run):
         raise RunError(f"Run {from_run!r} has no weights yet: wait for its first checkpoint.")
     model, tokenizer, _ = adapters.load_run(from_run)
     return model, tokenizer
@@ -137,7 +137,7 @@ def default_lr(model, lora: bool) -> float:
     """Full DPO moves every weight: GPT-2-sized models take the book's 5e-6; LoRA adapters start at
     zero and need larger steps."""
     big = model.config.n_embd >= 512
-    return (2e-4 if big else 2e-3) if lora else (5e-6 if big else 1e-4)
+    return (2e-4 if big else 2e-3) if lora else (5e-6 if big else 5e-4)
 
 
 def _train_config(s: Settings, model, stored: dict | None) -> TrainConfig:
@@ -287,7 +287,7 @@ def run_ids() -> list[str]:
 
 def start_runs() -> list[str]:
     """Runs DPO can start from: instruction-following models with weights, newest first."""
-    return [r.id for r in runs.list_runs(START_STAGES) if not r.error and r.has_weights()]
+    return [r.id for r in runs.list_runs(START_STAGES) if not r.error and adapters.has_weights(r)]
 
 
 def describe_start(run_id: str) -> dict:
