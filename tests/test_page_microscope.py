@@ -92,6 +92,8 @@ def test_clicking_a_candidate_branches_and_back_undoes_it(lm):
     assert not at.exception, at.exception
     assert path(at) == [expected]  # the clicked token is the next token of the text
     assert at.session_state["scope_path"][0][1] == "clicked"
+    history = at.dataframe[0].value
+    assert history["rank"].tolist() == [4] and history["how"].tolist() == ["clicked"]
     assert tokenizer.token_text(expected).replace(" ", "·") in "".join(m.value for m in at.markdown)
     # the next step's candidates are the model's answer to the continued text
     with torch.no_grad():

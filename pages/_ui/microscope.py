@@ -192,6 +192,11 @@ def generator_view(run_id: str, key: str, default_prompt: str = DEFAULT_TEXT, te
         st.info("The model wrote its end-of-text token: the answer is over. Go back a step to branch.")
     else:
         _current_step(subject, current, key, settings)
+    if path:
+        with st.expander(f"The {len(path)} steps taken: rank and entropy of each"):
+            st.dataframe([{"position": s["position"], "token": label(subject, s["token_id"]), "how": how,
+                           "rank": s["rank"], "entropy (bits)": round(s["entropy"], 2)}
+                          for (_, how), s in zip(path, steps)], hide_index=True)
     _kv_cache_view(subject, result, path, key)
     code_behind(*generate.CODE["distributions"], *generate.CODE["generate"])
 
