@@ -264,3 +264,14 @@ def test_refusals_come_before_a_stream_starts_and_unknown_paths_are_json(server)
         urllib.request.urlopen(request, timeout=30)
     assert info.value.code == 404 and "error" in json.loads(info.value.read())
     assert post(server["url"], json.dumps(GOOD).encode())[0] == 200
+
+
+def test_integer_bounds_are_kept_by_the_constrained_decoder(client):
+    schema = {"type": "object", "additionalProperties": False, "required": ["score"],
+              "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}}}
+    assert serve.bounded(schema)["properties"]["score"]["enum"] == [1, 2, 3, 4, 5]
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=30, seed=seed, temperature=1.5,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)

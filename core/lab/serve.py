@@ -203,6 +203,25 @@ class JsonConstraint:
         return self.guide.is_finished()
 
 
+MAX_ENUM = 1000
+
+
+def bounded(schema):
+    """The schema with each small integer range (minimum..maximum, at most 1,000 values) also
+    written as an `enum`: outlines-core's integer regex ignores minimum and maximum, and a
+    decoder would otherwise happily write 9999999999… into a 1-5 score."""
+    if isinstance(schema, list):
+        return [bounded(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded(v) for k, v in schema.items()}
+    low, high = out.get("minimum"), out.get("maximum")
+    if out.get("type") == "integer" and "enum" not in out and all(type(v) is int for v in (low, high)) \
+            and 0 <= high - low < MAX_ENUM:
+        out["enum"] = list(range(low, high + 1))
+    return out
+
+
 def schema_regex(schema: dict) -> str:
     """The regular expression outlines-core builds for a JSON schema (whitespace: one space at most)."""
     try:
@@ -211,7 +230,7 @@ def schema_regex(schema: dict) -> str:
         raise RequestError(400, "This server cannot enforce a JSON schema: the package 'outlines-core' "
                                 "is not installed.", "response_format") from None
     try:
-        return build_regex_from_schema(json.dumps(schema), whitespace_pattern=r"[ ]?")
+        return build_regex_from_schema(json.dumps(bounded(schema)), whitespace_pattern=r"[ ]?")
     except (ValueError, TypeError, RuntimeError) as e:
         raise RequestError(400, f"The JSON schema cannot be enforced: {e}", "response_format") from None
 
