@@ -11,6 +11,7 @@ from core.stages import chat as stage
 from core.stages.chat import CODE, GlassBoxError
 from pages._ui import no_remote_images, show_error
 from pages._ui.code import code_behind
+from pages._ui.microscope import sampler_controls
 from pages._ui.tokens import spans_of, token_spans_html
 
 SHOW_TOKENS = 1_500
@@ -40,15 +41,10 @@ except GlassBoxError as error:
     show_error(error)
     st.stop()
 
-with st.sidebar:
-    st.subheader("Sampling")
-    temperature = st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="chat_temperature",
-                            help="0 always takes the most likely token; higher is more random.")
-    top_k = st.number_input("Top-k (0 = off)", 0, 1000, 50, key="chat_top_k")
-    top_p = st.slider("Top-p", 0.05, 1.0, 0.95, 0.05, key="chat_top_p")
+with st.expander("Sampling: the same controls as the microscope", expanded=False):
+    sampling = sampler_controls("chat")
     max_tokens = st.slider("Longest reply (tokens)", 8, min(512, engine.context_length // 2),
                            min(128, engine.context_length // 4), key="chat_max_tokens")
-    seed = st.number_input("Seed (0 = a new one each time)", 0, 2**31 - 1, 0, key="chat_seed")
 
 history = st.session_state.setdefault(f"chat_history_{run_id}", [])
 partial = st.session_state.get("chat_partial")
@@ -84,19 +80,23 @@ if question:
     partial = st.session_state["chat_partial"] = {"run": run_id, "text": "", "done": False}
 
     def pieces():
-        for piece in stage.reply(engine, conversation, stats, temperature=temperature, top_k=top_k or None,
-                                 top_p=top_p if top_p < 1 else None, max_tokens=max_tokens, seed=seed or None):
+        for piece in stage.reply(engine, conversation, stats, temperature=sampling["temperature"],
+                                 top_k=sampling["top_k"], top_p=sampling["top_p"], max_tokens=max_tokens,
+                                 seed=sampling["seed"]):
             partial["text"] += piece
             yield piece
 
     with st.chat_message("assistant"):
         try:
             st.write_stream(pieces())
-        except GlassBoxError as error:
+        except GlassBoxError as error:  # e.g. top-k 0: the question is taken back, unanswered
             show_error(error)
+            history.pop()
+            stats = None
     partial["done"] = True
-    history.append({"role": "assistant", "content": partial["text"]})
-    st.session_state["chat_stats"] = stats
+    if stats is not None:
+        history.append({"role": "assistant", "content": partial["text"]})
+        st.session_state["chat_stats"] = stats
 
 view, stats = st.session_state.get("chat_view"), st.session_state.get("chat_stats")
 left, right = st.columns([3, 2])

@@ -86,3 +86,14 @@ def test_a_reply_cut_by_stop_is_kept_and_marked():
     assert "Once upon" in all_text(at) and any("stopped" in c.value for c in at.caption)
     at.run()  # the cut reply is recorded once, not again on every rerun
     assert len(at.chat_message) == 2
+
+
+def test_bad_sampling_settings_show_an_error_and_keep_the_conversation_clean():
+    make_chat_run("strict")
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.run()
+    at.number_input(key="chat_top_k").set_value(0).run()
+    at.chat_input[0].set_value("Hello").run()
+    assert not at.exception
+    assert any("top-k" in e.value for e in at.error)
+    assert at.session_state["chat_history_strict"] == []
