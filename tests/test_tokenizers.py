@@ -555,6 +555,8 @@ def test_a_tokeniser_run_is_finished_with_no_pid(isolated_workspace, small_bpe):
     assert status["state"] == "finished" and "pid" not in status
     assert result["vocab_size"] == 600
     assert tf.load_tokenizer(isolated_workspace["checkpoints"] / "given" / "tokenizer.json").merges == small_bpe.merges
+    saved = tokenize.results("given")
+    assert saved["config"]["corpus_tokens"] == result["tokens"] and saved["tokenizer"].merges == small_bpe.merges
 
 
 # ------------------------------------------------------------------------------ the one token HTML helper
