@@ -12,8 +12,9 @@ from streamlit.testing.v1 import AppTest
 from core.gpt import microscope
 from core.gpt.instruct import format_prompt
 from core.gpt.model import GPT, preset_config
-from core.gpt.tokenizers import train_bpe
+from core.gpt.tokenizers import GPT2_SPLIT_PATTERN, train_bpe
 from core.lab import models, runs
+from core.lab.tokenizer_files import ByteLevelBPE
 from tests.page_helpers import all_text
 
 HOST = str(Path(__file__).resolve().parent / "microscope_host.py")
@@ -200,3 +201,19 @@ def test_a_classifier_run_is_refused_in_every_view(lm):
     at = host("spam")
     errors = [e.value for e in at.error]
     assert len(errors) == 3 and all("classifier" in e for e in errors)
+
+
+def test_an_imported_chat_model_works_in_every_view():
+    specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+    tokenizer = ByteLevelBPE("toychat", GPT2_SPLIT_PATTERN, {bytes([b]): b for b in range(256)}, specials)
+    torch.manual_seed(0)
+    runs.create_run("chatty", "import", {})
+    models.save_model_run("chatty", GPT(preset_config("tiny", 259, context_length=256)), tokenizer)
+    at = host("chatty", prompt="Hi")
+    assert not at.error, [e.value for e in at.error]
+    assert any("chatml" in c.value for c in at.caption)
+    assert "&lt;|im_start|&gt;" in "".join(m.value for m in at.markdown)  # the template, escaped
+    assert len(candidates(at)) == 10
+    candidates(at)[0].click().run()
+    assert len(path(at)) == 1 and not at.exception
+    assert at.text_input(key="scope_surprise_instruction").value
