@@ -14,6 +14,7 @@ from pages._ui import (escape, page_header, remembered_run, run_ids_with_pending
                        waiting_to_start)
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
+from pages._ui.history import history_panel
 from pages._ui.live import live_panel
 
 PAGE_KEY = "pretrain_run"
@@ -132,9 +133,15 @@ def draw_live(run_id: str) -> None:
     if not metrics:
         st.caption("The first point appears a few seconds after the start (Python has to load PyTorch).")
         return
+    ref, band = result["reference"], result["reference_band"]
     st.plotly_chart(curves_figure([("train", metrics, "train_loss"), ("validation", metrics, "val_loss")],
-                                  y_title="loss (cross-entropy, nats)", height=360),
+                                  y_title="loss (cross-entropy, nats)", height=360, band=band),
                     key="pt_loss_chart", width="stretch")
+    if ref:
+        st.caption(f"Grey band: the reference run of this preset and recipe (validation loss ±{ref['band']:.0%}), "
+                   f"measured on {ref['machine']}.")
+    for message in result["health"] + ([result["device_message"]] if result["device_message"] else []):
+        st.warning(message, icon="🩺")
     vocab = result["config"].get("vocab_size")
     if vocab:
         st.caption(f"A model that guesses uniformly scores ln({vocab}) = {math.log(vocab):.2f}. Validation "
@@ -153,6 +160,10 @@ def draw_live(run_id: str) -> None:
 
 
 live_panel(shown, draw_live, key="pt_live")
+st.subheader("Travel back in time")
+st.caption("Snapshots of the weights at steps 0, 10, 30, 100, 300, … and the last: pick one to see what the "
+           "model knew then. Digits, vowels and capitals drift together on the map as it learns.")
+history_panel(shown, key="pt_history")
 
 # ---------------------------------------------------------------------------- 3. compare runs
 st.header("3 · Compare runs")

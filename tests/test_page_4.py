@@ -120,3 +120,60 @@ def test_a_job_still_starting_or_queued_is_shown_at_once():
     assert any("starting" in i.value for i in at.info)
     assert any("Queued" in m.value for m in at.markdown)
     assert "older" in at.selectbox(key="pt_shown").options
+
+
+def run_with_history(run_id: str, steps=(0, 10, 30), old: bool = False):
+    """A small run on disk with fp16 snapshots at `steps` (weights nudged between them), no training."""
+    import torch
+
+    from core.gpt.model import GPT, GPTConfig
+    from core.gpt.tokenizers import train_char
+    from core.lab import snapshots
+    from core.lab.models import save_model_run
+
+    tok = train_char("the cat sat on the mat. The Dog ate 12 eggs!\n")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=32, n_head=2, n_layer=2))
+    config = {"data": "tinyshakespeare", "tokenizer": "char", "preset": "tiny", "vocab_size": tok.vocab_size,
+              "train": {"max_steps": 30}}
+    if not old:
+        config["snapshots"] = {"budget_bytes": 2**24, "probe": "the cat sat on the mat"}
+    runs.create_run(run_id, "pretrain", config)
+    save_model_run(run_id, model, tok)
+    plan = snapshots.Plan(2**24, model)
+    for step in ([] if old else steps):
+        with torch.no_grad():
+            model.wte.weight.mul_(1.1)
+        plan.save(runs.run_dir(run_id), model, step)
+    runs.write_status(run_id, "finished")
+
+
+def test_the_time_slider_redraws_a_chosen_snapshot_and_searches_the_map():
+    run_with_history("hist")
+    at = page()
+    slider = at.select_slider(key="pt_history_step")
+    assert list(slider.options) == ["0", "10", "30"] and slider.value == 30
+    assert any("Sample at step 30" in m.value for m in at.markdown)
+    slider.set_value(10).run()
+    assert not at.exception and not at.error
+    assert any("Sample at step 10" in m.value for m in at.markdown)
+    charts = {c.proto.id.rsplit("-", 1)[-1] for c in at.get("plotly_chart")}
+    assert {"pt_history_losses", "pt_history_attention", "pt_history_map", "pt_history_positions"} <= charts
+    at.text_input(key="pt_history_query").input("e").run()
+    assert any(m.value.startswith("Nearest by cosine: `e` 1.00") for m in at.markdown)
+    at.text_input(key="pt_history_query").input("Z").run()
+    assert any("not a single token" in w.value for w in at.warning) and not at.exception
+
+
+def test_the_slider_names_a_damaged_snapshot_and_explains_an_old_run():
+    run_with_history("hist")
+    (runs.run_dir("hist") / "snapshots" / "step-000010.safetensors").write_bytes(b"broken")
+    at = page()
+    assert any("step-000010.safetensors" in w.value for w in at.warning)
+    assert list(at.select_slider(key="pt_history_step").options) == ["0", "30"]
+    run_with_history("old", old=True)
+    at.run()
+    at.selectbox(key="pt_shown").select("old").run()
+    assert not at.exception
+    assert any("before training snapshots existed" in i.value for i in at.info)
+    assert any("Sample at step final" in m.value for m in at.markdown)  # its final weights still show

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
@@ -34,11 +35,12 @@ import torch
 
 from core.gpt.errors import GlassBoxError
 from core.gpt.model import GPT, preset_config
-from core.gpt.pretrain import recipe
-from core.gpt.tokenizers import train_bpe
+from core.gpt.pretrain import default_tokenizer, recipe
+from core.gpt.tokenizers import train_bpe, train_char, train_word
 from core.gpt.train import TrainConfig, make_optimizer
-from core.lab import data, jobs
+from core.lab import data, jobs, runs, snapshots
 from core.lab.device import configure_threads, pick_device, reuse_freed_memory
+from core.lab.models import save_model_run
 from core.lab.paths import REPO_ROOT
 
 CHAR_VOCAB = 65  # Tiny Shakespeare has 65 distinct characters: the vocabulary of `small`'s target
@@ -434,3 +436,34 @@ def time_to_val_loss(preset: str = "small", target: float = 1.88, data_name: str
             "final_val_loss": evals[-1]["val_loss"] if evals else None,
             "train_s": rows[-1]["elapsed_s"] if rows else None, "steps": rows[-1]["step"] if rows else None,
             "wall_s": wall, "preset": preset}
+
+
+def history_redraw_s(presets=("small", "base"), rounds: int = 3) -> dict:
+    """Seconds for the time slider to redraw one snapshot's views (core.lab.snapshots.views: load the
+    fp16 snapshot, sample the probe text, per-token loss, attention maps, embedding map with a
+    search, position similarity), on an untrained model of each preset. Best of `rounds`; `_cpu`:
+    the CPU seconds of the same redraw (what it costs on a quiet machine)."""
+    text = (string.ascii_letters + string.digits + " .,;:!?'\n-") * 20
+    out: dict = {}
+    shares: list[float] = []
+    with _temporary_checkpoints():
+        for preset in presets:
+            tokenizer = train_char(text) if default_tokenizer(preset) == "char" else train_word(
+                " ".join(f"w{i}" for i in range(1200)), 1000)
+            model = GPT(preset_config(preset, tokenizer.vocab_size))
+            run_id = f"bench-history-{preset}"
+            runs.create_run(run_id, "pretrain", {"model": model.config.to_dict(),
+                                                 "snapshots": {"budget_bytes": 2**30}})
+            save_model_run(run_id, model, tokenizer)
+            snapshots.Plan(2**30, model).save(runs.run_dir(run_id), model, 0)
+            walls, cpus = [], []
+            for _ in range(rounds):
+                t, c = time.perf_counter(), time.process_time()
+                snapshots.views(run_id, 0, query=tokenizer.token_text(1))
+                walls.append(time.perf_counter() - t)
+                cpus.append(time.process_time() - c)
+            out[f"history_redraw_{preset}_s"] = round(min(walls), 3)
+            out[f"history_redraw_{preset}_cpu_s"] = round(min(cpus), 3)
+            shares.append(sum(cpus) / max(1e-9, sum(walls)))  # one thread: CPU seconds per wall second
+    out["cpu_share"] = round(min(shares), 3)
+    return out

@@ -24,7 +24,7 @@ from core.gpt.model import GPT, GPTConfig
 from core.gpt.tokenizers import load_tokenizer, visible
 from core.lab import runs
 from core.lab.errors import CorruptRunError
-from core.lab.models import load_model_weights, model_tensors
+from core.lab.models import generation_threads, load_model_weights, model_tensors
 
 FOLDER = "snapshots"
 DEFAULT_PROBE = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."
@@ -155,7 +155,7 @@ def load_snapshot(snapshot: Snapshot) -> dict[str, torch.Tensor]:
 def run_history(run_id: str) -> dict:
     """The snapshots of a run for the time slider: steps, files skipped, and a note for old runs."""
     run = runs.open_run(run_id)
-    found = list_snapshots(run.path)
+    found = list_snapshots(run.path) if (run.path / "tokenizer.json").is_file() else []  # not yet readable
     info = run.config.get("snapshots")
     note = None
     if info is None:
@@ -165,7 +165,9 @@ def run_history(run_id: str) -> dict:
         note = "No snapshot yet: the first (step 0) is written when training starts."
     return {"run_id": run_id, "steps": [s.step for s in found], "bytes": sum(s.bytes for s in found),
             "budget_bytes": (info or {}).get("budget_bytes"), "note": note,
-            "probe": (info or {}).get("probe") or DEFAULT_PROBE}
+            "probe": (info or {}).get("probe") or DEFAULT_PROBE,
+            "has_weights": "model" in run.config and all((run.path / name).is_file()
+                                                         for name in ("model.safetensors", "tokenizer.json"))}
 
 
 def _model_at(run: runs.Run, step: int | None) -> tuple[GPT, int | None]:
@@ -192,7 +194,7 @@ def views(run_id: str, step: int | None, query: str | None = None, neighbours: i
     model, _ = _model_at(run, step)
     probe = run_history(run_id)["probe"]
     ids = tokenizer.encode(probe)[:min(PROBE_TOKENS, model.config.context_length)]
-    with torch.no_grad():
+    with torch.no_grad(), generation_threads(model):  # small models: one thread is faster (and fair to a job)
         prompt = torch.tensor([ids[: max(1, len(ids) // 3)]])
         out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.0)
         losses = per_token_loss(model, ids).tolist() if len(ids) > 1 else []

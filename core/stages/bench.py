@@ -37,6 +37,7 @@ PIECES = {
     "bpe": ("bpe_train_s",),
     "first_point": ("first_point_s",),
     "time_to_val_loss": ("time_to_val_loss_s",),
+    "history": ("history_redraw_small_s", "history_redraw_base_s"),
 }
 DEFAULT_PIECES = [p for p in PIECES if p != "time_to_val_loss"]
 
@@ -48,11 +49,13 @@ TARGETS = {
     "bpe_train_s": ("≤ 30 s", lambda v: v <= 30),
     "first_point_s": ("≤ 3 s", lambda v: v <= 3),
     "time_to_val_loss_s": ("≤ 75 s", lambda v: v <= 75),
+    "history_redraw_small_s": ("≤ 1 s", lambda v: v <= 1),
+    "history_redraw_base_s": ("≤ 1 s", lambda v: v <= 1),
 }
 BUSY_SHARE = 0.85  # below this share of CPU time, the machine was busy during the measurement
 UNITS = {"matmul_gflops": "GFLOP/s", "tokens_per_s_tiny": "tok/s", "tokens_per_s_small": "tok/s",
          "kv_cache_speedup": "×", "fast_vs_teaching": "×", "bpe_train_s": "s", "first_point_s": "s",
-         "time_to_val_loss_s": "s"}
+         "time_to_val_loss_s": "s", "history_redraw_small_s": "s", "history_redraw_base_s": "s"}
 
 
 @dataclass
@@ -177,6 +180,9 @@ def run(args: Settings, progress=None) -> dict:
         elif piece == "first_point":
             figures = bench.first_point_s()
             result["first_point_s"] = figures["first_point_s"]
+        elif piece == "history":
+            figures = bench.history_redraw_s(rounds=1 if quick else 3)
+            result.update({k: v for k, v in figures.items() if not k.endswith("_cpu_s")})
         elif piece == "time_to_val_loss":
             extra = ("--steps", "20", "--eval-every", "10") if quick else ()
             figures = bench.time_to_val_loss(extra_args=extra)

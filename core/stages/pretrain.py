@@ -290,6 +290,15 @@ def lr_schedule(config: TrainConfig, total_steps: int, points: int = 200) -> lis
     return out
 
 
+def reference_band(reference: dict | None):
+    """(steps, low, high) of the reference validation loss ± its band, for the chart (None: no reference)."""
+    if not reference:
+        return None
+    points = [(s, v) for s, v in zip(reference["step"], reference["val_loss"]) if v is not None]
+    b = reference.get("band", 0.1)
+    return [s for s, _ in points], [v * (1 - b) for _, v in points], [v * (1 + b) for _, v in points]
+
+
 def results(run_id: str) -> dict:
     """A pre-training run as page 4 draws it: config, state, metrics, samples and the summary."""
     run = runs.open_run(run_id)
@@ -299,6 +308,7 @@ def results(run_id: str) -> dict:
     return {"run_id": run_id, "config": run.config, "state": run.state, "status": run.status,
             "metrics": metrics, "samples": run.samples(),
             "summary": progress_summary(metrics, run.config.get("train")), "reference": reference,
+            "reference_band": reference_band(reference),
             "health": [m.text for m in health.health_messages(metrics, reference)],
             "device_message": health.device_message(check) if check else None}
 
