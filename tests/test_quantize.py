@@ -77,15 +77,18 @@ def test_int8_and_q4_1_models_stay_close_and_leave_the_original_alone():
     x = torch.randint(96, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x)[0]
-        int8 = LQ.int8_model(model)
-        q4 = LQ.q4_1_model(model)
-        out8, out4 = int8(x)[0], q4(x)[0]
-    quantized = [m for m in int8.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
-    assert len(quantized) == 2 * 4 + 1  # qkv, proj, fc, proj per block, and the output head
-    assert not any(type(m) is torch.nn.Linear for m in int8.modules())
+        int8, dynamic, q4 = LQ.int8_model(model), LQ.int8_model(model, "dynamic"), LQ.q4_1_model(model)
+        out8, out_dyn, out4 = int8(x)[0], dynamic(x)[0], q4(x)[0]
+    # weight-only: every Linear (4 per block and the head) holds int8 rows and one scale per row
+    int8_layers = [m for m in int8.modules() if isinstance(m, LQ.Int8Linear)]
+    assert len(int8_layers) == 2 * 4 + 1 and not any(type(m) is torch.nn.Linear for m in int8.modules())
+    assert int8_layers[0].weight_int8.dtype == torch.int8
+    dyn_layers = [m for m in dynamic.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
+    assert len(dyn_layers) == 2 * 4 + 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     scale = ref.abs().max().item()
-    assert 0 < (out8 - ref).abs().max().item() < 0.05 * scale
+    assert 0 < (out8 - ref).abs().max().item() < 0.02 * scale
+    assert 0 < (out_dyn - ref).abs().max().item() < 0.05 * scale
     assert 0 < (out4 - ref).abs().max().item() < 0.2 * scale
     assert torch.equal(q4.wte.weight, model.wte.weight) and q4.lm_head.weight is q4.wte.weight  # kept, tied
     assert not torch.equal(q4.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
@@ -94,15 +97,26 @@ def test_int8_and_q4_1_models_stay_close_and_leave_the_original_alone():
     assert torch.allclose(again.blocks[1].mlp.fc.weight, q4.blocks[1].mlp.fc.weight, atol=1e-6)
 
 
+def test_the_int8_kernel_multiplies_by_the_textbooks_dequantized_weights():
+    linear = torch.nn.Linear(64, 48)
+    layer = LQ.Int8Linear(linear)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(3))
+    q, scale = Q.quantize_int8_rows(linear.weight.detach())
+    expected = x @ Q.dequantize_int8_rows(q, scale).t() + linear.bias.detach()
+    assert layer(x).shape == (3, 5, 48)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert torch.equal(layer.weight, Q.dequantize_int8_rows(q, scale))
+
+
 def test_compare_models_reports_loss_and_speed_per_precision():
     model = tiny_gpt()
     ids = torch.randint(96, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     rows = LQ.compare_models(model, ids, new_tokens=4)
-    assert [r["precision"] for r in rows] == ["fp32", "int8", "q4_1"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "int8-dynamic", "q4_1"]
     for r in rows:
         assert len(r["per_token_loss"]) == 23 and np.isfinite(r["mean_loss"]) and r["tokens_per_s"] > 0
         assert len(r["greedy_tokens"]) == 5
     assert rows[0]["loss_change"] == 0.0
     manual = torch.nn.functional.cross_entropy(model(torch.tensor([ids[:-1]]))[0][0], torch.tensor(ids[1:]))
     assert rows[0]["mean_loss"] == pytest.approx(manual.item(), rel=1e-5)
-    assert rows[0]["weight_bytes"] == 4 * rows[1]["weight_bytes"] and rows[2]["weight_bytes"] < rows[1]["weight_bytes"]
+    assert rows[0]["weight_bytes"] == 4 * rows[1]["weight_bytes"] and rows[3]["weight_bytes"] < rows[1]["weight_bytes"]

@@ -16,9 +16,10 @@ Two schemes, both "weight-only" (activations stay fp32):
   The 16 bytes of `q` are packed two to a byte: byte j holds weight j in its low 4 bits and
   weight j + 16 in its high 4 bits.
 
-- **int8 per row** (what `torch.ao.quantization.quantize_dynamic` does to a Linear layer): one
-  scale per output row, `scale = max |w| / 127`, `q = round(w / scale)` in -127..127, and
-  `w ≈ q · scale`. 8 bits a weight, and a CPU multiplies int8 matrices with fast kernels.
+- **int8 per row**: one scale per output row, `scale = max |w| / 127`, `q = round(w / scale)` in
+  -127..127, and `w ≈ q · scale`. 8 bits a weight, and a CPU multiplies int8 weights with fast
+  kernels (weight-only: activations stay fp32; PyTorch's `quantize_dynamic` also rounds the
+  activations to 8 bits, which is faster on long inputs and less accurate).
 
 A test checks these functions against the `gguf` package's own (de)quantizer and on real blocks.
 """
@@ -90,4 +91,4 @@ def rounding_error(original: torch.Tensor, restored: torch.Tensor) -> dict:
             "relative_rms_error": rms_error / rms if rms else 0.0}
 
 
-BITS_PER_WEIGHT = {"fp32": 32.0, "int8": 8.0, "q4_1": Q4_1_BLOCK_BYTES * 8 / Q4_1_BLOCK}
+BITS_PER_WEIGHT = {"fp32": 32.0, "int8": 8.0, "int8-dynamic": 8.0, "q4_1": Q4_1_BLOCK_BYTES * 8 / Q4_1_BLOCK}

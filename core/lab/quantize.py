@@ -1,8 +1,14 @@
 """Quantized models for generation, and the side-by-side measurement of fp32, int8 and 4-bit.
 
-- `int8_model(model)`: every Linear layer (the output head too) becomes PyTorch's dynamically
-  quantized int8 Linear (`torch.ao.quantization.quantize_dynamic`, fbgemm kernels on x86): weights
-  stored as int8 with one scale per row, activations quantized on the fly per matrix multiply.
+- `int8_model(model)`: weight-only int8. Every Linear layer (the output head too) keeps its weights
+  as int8 with one scale per row (`core.gpt.quantize.quantize_int8_rows`) and multiplies with
+  PyTorch's int8-weight kernel (`torch._weight_int8pack_mm`): activations stay fp32, a decoding
+  step reads a quarter of the bytes.
+- `int8_model(model, "dynamic")`: PyTorch's dynamic quantization
+  (`torch.ao.quantization.quantize_dynamic`, fbgemm on x86, one scale per row): the activations
+  are quantized to 8 bits too, one scale per matrix multiply. Faster on a whole prompt, but a
+  channel of large activations (SmolLM2's feed-forward has them) costs it accuracy: measured in
+  docs/modern-weights.md.
 - `q4_1_model(model)`: every Linear weight replaced by what Q4_1 storage would give back
   (`core.gpt.quantize.q4_1_round_trip`): the 4-bit model's numbers, computed in fp32.
 - `compare_precisions(run_id, text)`: per-token loss and tokens/s of the three, for the same text.
@@ -25,7 +31,7 @@ from core.gpt.model import GPT
 from core.lab import gguf
 from core.lab.models import generation_threads, load_model_run
 
-PRECISIONS = ("fp32", "int8", "q4_1")
+PRECISIONS = ("fp32", "int8", "int8-dynamic", "q4_1")
 
 
 def _engine() -> None:
@@ -36,17 +42,49 @@ def _engine() -> None:
             return
 
 
-def int8_model(model: GPT) -> GPT:
-    """A copy of `model` whose Linear layers compute with int8 weights (the original is untouched)."""
-    _engine()
-    with warnings.catch_warnings():  # PyTorch points to torchao for new code; these kernels are what we measure
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # One scale per output row (per channel): with one scale for a whole matrix, the output
-        # head's few large rows crush every other row to a handful of levels (SmolLM2 lost 1.5 nats
-        # a token that way; per row it loses 0.0x).
-        spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), spec, dtype=torch.qint8)
-    return quantized.eval()
+class Int8Linear(nn.Module):
+    """A Linear layer with int8 weights (one fp32 scale per output row) and fp32 activations."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = Q.quantize_int8_rows(linear.weight.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_int8", q.contiguous())  # (out, in) int8
+        self.register_buffer("scales", scale.flatten().contiguous())  # (out,)
+        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    @property
+    def weight(self) -> torch.Tensor:  # what the teaching path and inspections read: fp32 again
+        return Q.dequantize_int8_rows(self.weight_int8, self.scales.unsqueeze(1))
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)  # x @ (q * scale).T, no fp32 copy
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def int8_model(model: GPT, mode: str = "weight-only") -> GPT:
+    """A copy of `model` whose Linear layers compute with int8 weights (the original is untouched).
+    mode "weight-only" (activations fp32) or "dynamic" (PyTorch's quantize_dynamic)."""
+    if mode == "dynamic":
+        _engine()
+        with warnings.catch_warnings():  # PyTorch points to torchao for new code; these kernels are what we measure
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # One scale per output row: with one scale for a whole matrix, the output head's few
+            # large rows crush the others to a handful of levels (SmolLM2: +1.5 nats a token).
+            spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+            return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), spec, dtype=torch.qint8).eval()
+    if mode != "weight-only":
+        raise ValueError(f"int8 mode must be 'weight-only' or 'dynamic', not {mode!r}")
+    out = copy.deepcopy(model).eval()
+    for name, module in list(out.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, child_name, Int8Linear(child))
+    return out
 
 
 def q4_1_model(model: GPT) -> GPT:
@@ -108,7 +146,8 @@ def forward_seconds(model: GPT, n_tokens: int = 256, repeats: int = 3) -> float:
 
 def compare_models(model: GPT, ids: list[int], new_tokens: int = 32, precisions=PRECISIONS) -> list[dict]:
     """The same text through `model` in each precision: per-token loss and decoding speed."""
-    build = {"fp32": lambda m: m.eval(), "int8": int8_model, "q4_1": q4_1_model}
+    build = {"fp32": lambda m: m.eval(), "int8": int8_model, "int8-dynamic": lambda m: int8_model(m, "dynamic"),
+             "q4_1": q4_1_model}
     rows, reference = [], None
     for precision in precisions:
         variant = build[precision](model)
