@@ -58,3 +58,35 @@ def test_reuse_freed_memory_keeps_a_steps_activations_for_the_next_step():
     # By default glibc hands these blocks back to the kernel (the next step faults them in again).
     assert _mib_kept_after_a_step("default") < 8
     assert _mib_kept_after_a_step("reuse") >= 24
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_learns_and_resumes_exactly():
+    from core.gpt.model import GPT, GPTConfig
+    from core.gpt.pretrain import LanguageModelTask
+    from core.gpt.train import TrainConfig
+    from core.lab import runs
+    from core.lab.training import train
+
+    text = "the cat sat on the mat. the dog sat on the log. " * 60
+    vocab = sorted(set(text))
+    ids = [vocab.index(c) for c in text]
+
+    def run(run_id, **kw):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=len(vocab), context_length=16, n_embd=32, n_head=2, n_layer=2))
+        config = TrainConfig(max_steps=40, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=20, eval_batches=2,
+                             sample_every=1000, checkpoint_every=20, log_every=1, seed=3)
+        return train(run_id, model, LanguageModelTask(ids, 16), config, device=torch.device("cuda"), **kw)
+
+    runs.create_run("cuda", "pretrain", {})
+    result = run("cuda")
+    first = runs.read_jsonl(runs.run_dir("cuda") / "metrics.jsonl")[0]["train_loss"]
+    assert result["train_loss"] < first - 0.5 and result["steps"] == 40
+    runs.create_run("cuda-stop", "pretrain", {})
+    stop = lambda r: r.get("step") == 20 and "train_loss" in r and runs.request_stop("cuda-stop")  # noqa: E731
+    assert run("cuda-stop", progress=stop)["steps"] == 20
+    runs.clear_stop("cuda-stop")
+    resumed = run("cuda-stop", resume=True)
+    assert resumed["train_loss"] == pytest.approx(result["train_loss"], abs=1e-4)
