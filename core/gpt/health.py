@@ -191,7 +191,23 @@ def device_message(check: dict) -> str | None:
 # Reference curves: `python -m core pretrain --data tinyshakespeare --tokenizer char --preset P` with the
 # preset's recipe (core/gpt/pretrain.py), measured here. CPU fp32 training is deterministic for a
 # seed, so the curve against steps is the machine's only through its speed (`seconds`).
-REFERENCES: dict[str, dict] = {}
+REFERENCES: dict[str, dict] = {
+    "tiny": {
+        "data": "tinyshakespeare", "tokenizer": "char", "band": 0.1,
+        "recipe": {"max_steps": 300, "batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20},
+        "machine": "this project's 2-core x86 CPU, torch 2.13 fp32, shared by ~9 sessions (load ~15): "
+                   "1,722 s for what takes ~30 s on a quiet machine (2026-12-01, --eval-every 25)",
+        "step": [1, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 100, 110, 120, 125, 130, 140, 150, 160, 170, 175,
+                 180, 190, 200, 210, 220, 225, 230, 240, 250, 260, 270, 275, 280, 290, 300],
+        "train_loss": [4.2224, 3.9311, 3.419, 3.0549, 2.8925, 2.7655, 2.6568, 2.6032, 2.5526, 2.5516, 2.5339,
+                       2.5347, 2.5136, 2.4944, 2.4789, 2.4659, 2.484, 2.461, 2.457, 2.4395, 2.4228, 2.4436, 2.4135,
+                       2.4035, 2.4232, 2.3902, 2.3787, 2.3693, 2.3821, 2.3636, 2.3738, 2.354, 2.3485, 2.3602,
+                       2.3362, 2.3555, 2.3559],
+        "val_loss": [None, None, None, 2.9586, None, None, 2.623, None, None, 2.5368, None, None, 2.4956, None,
+                     None, 2.4636, None, None, 2.4405, None, None, 2.4181, None, None, 2.3996, None, None, 2.3795,
+                     None, None, 2.3707, None, None, 2.354, None, None, 2.3491],
+    },
+}
 
 
 def reference_for(run_config: dict) -> dict | None:
