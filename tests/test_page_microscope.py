@@ -170,6 +170,9 @@ def test_surprise_view_colours_tokens_and_matches_forward(lm):
     assert metric(at, "Mean loss") == metric(at, "forward's loss")
     html = "".join(m.value for m in at.markdown)
     assert "the model expected:" in html and "p = " in html
+    # one loss colour per predicted token: the first token has nothing before it
+    n_tokens = len(models.load_model_run(lm)[1].encode("Whether tis nobler in the mind"))
+    assert html.count("background:rgb(255,") == n_tokens - 1
 
 
 def test_surprise_on_an_instruction_run_scores_the_answer(lm):

@@ -29,7 +29,7 @@ from core.lab import runs
 from core.stages import generate, lens, surprise
 from pages._ui import show_error
 from pages._ui.code import code_behind
-from pages._ui.tokens import readable_token
+from pages._ui.tokens import readable_token, spans_of, token_spans_html
 
 CANDIDATES = 10  # candidates drawn (and clickable) per step
 PREVIEW = 8  # tokens shown after the current step: what would follow
@@ -281,15 +281,21 @@ def surprise_view(run_id: str, key: str, default_text: str = DEFAULT_TEXT, instr
         st.warning(result["note"])
     worst = math.log(subject.model.config.vocab_size)
     start = result["answer_start"]
-    parts = [chip(label(subject, result["ids"][0]), "background:#e5e7eb;color:#374151", "first token: nothing predicts it")]
-    for n, (token_id, loss, p, alts) in enumerate(zip(result["ids"][1:], result["losses"], result["p_real"],
-                                                      result["alternatives"]), start=1):
-        hover = (f"p = {p:.1%}, loss {loss:.2f} nats\nthe model expected: "
-                 + ", ".join(f"{a['token']!r} {a['p']:.0%}" for a in alts))
-        style = (f"background:{loss_colour(loss, worst)};color:#111"
-                 + (";opacity:.45" if n < start else ""))
-        parts.append(chip(label(subject, token_id), style, hover))
-    chips(parts)
+    spans = spans_of(subject.tokenizer, result["ids"])
+    for n, span in enumerate(spans):
+        span["n"] = n  # the loss of token n is losses[n - 1]: token 0 has nothing before it
+
+    def colour(span) -> str:
+        return "#e5e7eb" if span["n"] < max(1, start) else loss_colour(result["losses"][span["n"] - 1], worst)
+
+    def hover(span) -> str:
+        if span["n"] == 0:
+            return "the first token: nothing before it predicts it"
+        alternatives = ", ".join(f"{a['token']!r} {a['p']:.0%}" for a in result["alternatives"][span["n"] - 1])
+        return (f"p = {result['p_real'][span['n'] - 1]:.1%}, loss {result['losses'][span['n'] - 1]:.2f} nats"
+                f"{' (prompt)' if span['n'] < start else ''}\nthe model expected: {alternatives}")
+
+    st.markdown(token_spans_html(spans, title=hover, colour=colour), unsafe_allow_html=True)
     c1, c2 = st.columns(2)
     scored = result["losses"][max(0, start - 1):] if start else result["losses"]
     c1.metric("Mean loss per token" + (" (answer)" if start else ""),
@@ -297,7 +303,7 @@ def surprise_view(run_id: str, key: str, default_text: str = DEFAULT_TEXT, instr
     c2.metric("forward's loss on the same ids", f"{result['forward_loss']:.3f} nats")
     st.caption(f"White: expected. Red: as surprised as a uniform guess over {subject.model.config.vocab_size:,} "
                "tokens (log V nats) or more. Hover a token for its probability and the model's top 5."
-               + (" Faded: the prompt (the answer starts after it)." if start else ""))
+               + (" Grey: the prompt (the answer starts after it)." if start else ""))
     code_behind(*surprise.CODE["surprise"])
 
 
