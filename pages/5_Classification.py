@@ -3,7 +3,6 @@ best-validation step marked), test results, your own message, two runs side by s
 The lesson is core/gpt/classify.py; this page calls core/stages/classify.py and draws."""
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from core.stages import classify as stage
@@ -12,6 +11,7 @@ from pages._ui import escape, page_header, remembered_run, run_name_input, show_
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
 from pages._ui.live import live_panel
+from pages._ui.model_figures import heatmap, top_bars
 
 PAGE_KEY = "classify_run"
 
@@ -46,10 +46,13 @@ if not labels:
             "`python -m core pretrain --preset base --minutes 5 --run-id base`) or import weights on "
             "**stage 3**. Then come back here.", icon="💡")
 else:
+    start_run = st.selectbox("Start from", list(labels), format_func=labels.get, key="classify_start")
+    st.markdown(stage.COSTS_CAPTION)
+    timed = st.toggle("Measure step times", key="classify_time")
+    st.dataframe(st.cache_data(show_spinner="Measuring…", max_entries=8)(stage.choice_costs)(
+        start_run, int(st.session_state.get("classify_rank", 8)), time_steps=2 * timed), hide_index=True, key="classify_costs")
     with st.form("classify_settings"):
-        c1, c2 = st.columns(2)
-        start_run = c1.selectbox("Start from", list(labels), format_func=labels.get)
-        init = c2.radio("Starting weights", ["pre-trained", "random"], horizontal=True,
+        init = st.radio("Starting weights", ["pre-trained", "random"], horizontal=True,
                         help="Random: the same architecture and tokeniser with fresh random weights — the "
                              "control experiment that shows what pre-training buys.")
         modes = [*stage.FREEZE_MODES, "lora"]
@@ -67,14 +70,15 @@ else:
                                      help="Automatic: the longest training message, at most the context length.")
         run_id = run_name_input(c5, "classify", key="classify_run_name")
         l1, l2, l3 = st.columns(3)
-        rank = l1.number_input("LoRA rank", 1, 256, 8, help="Only for 'lora': the rank r of B A.")
+        l1.number_input("LoRA rank", 1, 256, 8, key="classify_rank", help="Only for 'lora': the rank r of B A.")
         alpha = l2.number_input("LoRA alpha", 0.5, 512.0, 8.0, help="The update is scaled by alpha / r.")
         targets = l3.multiselect("LoRA matrices", list(stage.LORA_TARGETS), default=list(stage.LORA_TARGETS))
         go_ = st.form_submit_button("Start fine-tuning", type="primary")
     if go_:
         try:
             stage.start(stage.page_settings(start_run, init == "random", freeze, budget, amount, batch, lr,
-                                            max_length, run_id, rank, alpha, targets), run_id)
+                                            max_length, run_id, st.session_state.classify_rank, alpha,
+                                            targets), run_id)
         except GlassBoxError as e:
             show_error(e)
         else:
@@ -144,11 +148,8 @@ else:
     with left:
         st.subheader("Confusion matrix (test)")
         names = results.get("labels", ["ham", "spam"])
-        st.plotly_chart(go.Figure(go.Heatmap(z=results["confusion_matrix"], x=names, y=names, colorscale="Blues",
-                                             text=results["confusion_matrix"], texttemplate="%{text}", showscale=False))
-                        .update_layout(height=240, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="predicted",
-                                       yaxis_title="true label", yaxis_autorange="reversed"), key="classify_confusion")
-        st.caption("The diagonal is right. Ham called spam (top right) is the costly mistake.")
+        st.plotly_chart(heatmap(results["confusion_matrix"], names, names, colorscale="Blues", digits=0, height=240),
+                        key="classify_confusion")
     with right:
         st.subheader(f"Misclassified test messages ({results.get('misclassified_count', 0)})")
         wrong = results.get("misclassified", [])
@@ -173,9 +174,7 @@ if ask:
     else:
         probs = answer["probabilities"]
         st.markdown(f"The model says **{escape(answer['label'])}** ({probs[answer['label']]:.1%}).")
-        st.plotly_chart(go.Figure(go.Bar(x=list(probs.values()), y=list(probs), orientation="h"))
-                        .update_layout(height=150, margin=dict(l=10, r=10, t=10, b=10), xaxis_tickformat=".0%",
-                                       xaxis_range=[0, 1]), key="classify_own_chart")
+        st.plotly_chart(top_bars(list(probs.values()), list(probs), "", "probability"), key="classify_own_chart")
         if answer["truncated"]:
             st.info(f"Your message is {answer['tokens']} tokens long; the model was fine-tuned on messages of at "
                     f"most {answer['limit']} tokens, so only the first {answer['used_tokens']} tokens were read.",
@@ -185,8 +184,7 @@ if ask:
 # ---------------------------------------------------------------------------- 6. side by side
 finished = [r.id for r in stage.classifier_runs() if stage.results(r.id) is not None]
 st.header("6 · Side by side: what does pre-training buy?")
-st.caption("What to expect (docs/fine-tuning.md): with **head** only learning, pre-trained features beat random "
-           "ones clearly; with **all** weights learning both do well — spam is easy to learn from scratch.")
+st.caption("With **head** only learning pre-trained features beat random ones clearly; with **all** both do well.")
 if len(finished) < 2:
     st.caption("Fine-tune a second run to compare: the same start with **random** weights, or another choice.")
     st.stop()

@@ -14,7 +14,9 @@ from core.stages.instruct import CODE, GlassBoxError
 from pages._ui import escape, page_header, remembered_run, run_name_input, run_picker, show_error
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
+from pages._ui.history import history_panel
 from pages._ui.live import live_panel
+from pages._ui.microscope import microscope_panel
 
 PAGE_KEY = "instruct_run"
 
@@ -55,6 +57,10 @@ if start_run is None:
     st.info("No pre-trained model yet. Pre-train one on **stage 4** (the `base` preset with a BPE tokeniser is "
             "a good start) or import weights on **stage 3**.")
 else:
+    st.markdown(stage.COSTS_CAPTION)
+    timed = st.toggle("Measure step times", key="instruct_time")
+    st.dataframe(st.cache_data(show_spinner="Measuring…", max_entries=8)(stage.choice_costs)(
+        start_run, int(st.session_state.get("instruct_rank", 8)), time_steps=2 * timed), hide_index=True, key="instruct_costs")
     with st.form("instruct_settings"):
         c1, c2, c3 = st.columns(3)
         minutes = c1.slider("Minutes of tuning", 0.5, 30.0, 10.0, step=0.5,
@@ -73,13 +79,13 @@ else:
         l1, l2, l3 = st.columns(3)
         learns = l1.radio("What learns", ["all", "lora"], horizontal=True,
                           help="all: every weight. lora: frozen weights plus low-rank adapters B A.")
-        rank = l2.number_input("LoRA rank", 1, 256, 8)
+        l2.number_input("LoRA rank", 1, 256, 8, key="instruct_rank")
         alpha = l3.number_input("LoRA alpha", 0.5, 512.0, 8.0)
         go_ = st.form_submit_button("Start tuning", type="primary")
     if go_:
         try:
             stage.start(stage.page_settings(start_run, minutes, lr, batch, mask_prompt, eval_limit, run_id,
-                                            learns, rank, alpha), run_id)
+                                            learns, st.session_state.instruct_rank, alpha), run_id)
         except GlassBoxError as e:
             show_error(e)
         else:
@@ -119,6 +125,7 @@ live_panel(shown, draw, key="instruct")
 st.caption("The dotted line marks the step whose weights the run keeps: its best validation loss. The loss is "
            "computed on batches made by the function below (padding and, if chosen, the prompt masked).")
 code_behind(*CODE["batches"])
+history_panel(shown, key="instruct_history")  # the time slider: the model at each snapshot step
 
 # ---------------------------------------------------------------------------- 4. results
 try:
@@ -163,13 +170,13 @@ def comparison_models(run_id: str, version: float):
 
 st.header("5 · Your own instruction")
 with st.form("own_instruction"):
-    instruction = st.text_area("Instruction", placeholder="Name three primary colours.")
+    instruction = st.text_area("Instruction", placeholder="Name three primary colours.", key="instruct_own")
     extra_input = st.text_input("Input (optional)", placeholder="")
     g1, g2, g3 = st.columns(3)
     temperature = g1.slider("Temperature", 0.0, 1.5, 0.0, step=0.1, help="0 = greedy (always the likeliest token)")
     top_k = g2.number_input("Top-k (0 = off)", 0, 500, 0)
-    max_tokens = g3.slider("Max tokens", 8, 256, 96, step=8)
-    ask = st.form_submit_button("Ask both models", type="primary")
+    max_tokens = g3.slider("Max tokens", 8, 256, 96, step=8, key="instruct_own_tokens")
+    ask = st.form_submit_button("Ask both models", type="primary", key="instruct_ask")
 if ask:
     if not instruction.strip():
         st.error("Type an instruction first: the models need something to answer.", icon="✍️")
@@ -184,3 +191,7 @@ if ask:
         else:
             st.markdown(stage.side_by_side_html([("you", stage.own_row(instruction, extra_input, answers))]),
                         unsafe_allow_html=True)
+
+# ---------------------------------------------------------------------------- 6. inside the tuned model
+st.header("6 · Inside the tuned model")
+microscope_panel(shown, key="instruct_microscope", default_prompt="Name three primary colours.")

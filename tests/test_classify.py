@@ -372,3 +372,141 @@ def test_cli_choices_match_the_core_module():
 
     assert cmd.FREEZE_MODES == tuple(C.FREEZE_MODES)
     assert (cmd.DEFAULT_FREEZE, cmd.DEFAULT_STEPS) == (C.DEFAULT_FREEZE, C.DEFAULT_STEPS)
+
+
+# --------------------------------------------------------------------- best weights, early stopping
+
+
+def test_keep_best_remembers_the_best_weights_and_stops_after_patience():
+    model = C.make_classifier(tiny_model(), "head")
+    keep = C.KeepBest(patience=2)
+    weights = {}
+    for step, val_loss in [(10, 0.9), (20, 0.5), (30, 0.6), (40, 0.7)]:
+        with torch.no_grad():
+            model.lm_head.weight.fill_(step)  # a different head at every evaluation
+        weights[step] = model.lm_head.weight.clone()
+        keep.update(model, step, val_loss)
+        assert keep.should_stop() == (step == 40)
+    assert (keep.best_step, keep.best_loss, keep.since_best) == (20, 0.5, 2)
+    assert set(keep.weights) == {"lm_head.weight", "lm_head.bias"}  # only what learns is copied
+    keep.restore(model)
+    assert torch.equal(model.lm_head.weight, weights[20])
+    assert not keep.update(model, 20, 0.1)  # a resumed run repeating step 20 changes nothing
+    assert C.KeepBest(patience=None).should_stop() is False
+
+
+def test_a_run_keeps_its_best_validation_weights_and_stops_early(with_runs, monkeypatch):
+    """Validation losses crafted to turn at step 20: with patience 2 the run ends at step 40 and
+    keeps (and is tested with) the weights of step 20."""
+    crafted = iter([0.5, 0.3, 0.4, 0.45, 0.5, 0.6])
+    monkeypatch.setattr(C.ClassificationTask, "evaluate",
+                        lambda self, model: {"val_loss": next(crafted), "val_accuracy": 0.5, "train_accuracy": 0.5})
+    config = C.default_train_config(max_steps=60, **{**FAST, "eval_every": 10, "checkpoint_every": 100})
+    headline = fine_tune("early", "start", freeze="last-block", max_length=16, patience=2, train_config=config)
+    assert headline["steps"] == 40 and headline["weights_step"] == 20 and not headline["stopped"]
+    run = runs.open_run("early")
+    assert [m["step"] for m in run.metrics() if "val_loss" in m] == [10, 20, 30, 40]
+    results = S.results("early")
+    assert results["early_stopped"] and results["best_val_loss"] == 0.3
+    best = runs.load_tensors(run.path / S.BEST_FILE)
+    saved = runs.load_tensors(run.path / "model.safetensors")
+    assert best and all(torch.equal(saved[name], tensor) for name, tensor in best.items())
+    model, tokenizer, config_ = S.load_classifier_run("early")
+    data = S.prepare_sms_data(tokenizer, 48, max_length=16)
+    assert abs(C.evaluate_split(model, data.splits["test"])["accuracy"] - results["test_accuracy"]) < 1e-4
+
+
+def test_the_one_epoch_shuffle_visits_every_item_once_per_pass():
+    from core.gpt.dataset import epoch_batch
+
+    n, batch = 10, 4
+    positions = [i for step in range(5) for i in epoch_batch(n, step, batch, seed=3)]  # 2 passes
+    assert sorted(positions) == sorted(list(range(n)) * 2)
+    assert epoch_batch(n, 2, batch, 3) == epoch_batch(n, 2, batch, 3)  # a function of the step
+    assert positions[:n] != list(range(n))  # shuffled
+    with pytest.raises(GlassBoxError):
+        epoch_batch(0, 0, 4, 3)
+
+
+# --------------------------------------------------------------------------------------- LoRA
+
+
+def test_a_lora_classifier_saves_only_its_adapter_and_loads_on_its_parent(with_runs):
+    headline = fine_tune("spam-lora", "start", lora_rank=2, lora_alpha=4.0, max_length=16,
+                         train_config=C.default_train_config(max_steps=6, **FAST))
+    run = runs.open_run("spam-lora")
+    info = run.config["classifier"]
+    assert info["freeze"] == "lora" and info["lora"]["rank"] == 2 and info["lora"]["alpha"] == 4.0
+    assert not (run.path / "model.safetensors").exists()
+    adapter = runs.load_tensors(run.path / S.ADAPTER_FILE)
+    assert set(adapter) == {n for n in adapter if n.endswith(("lora_A", "lora_B")) or n.startswith("lm_head.")}
+    assert any(n.endswith("attn.qkv.lora_A") for n in adapter) and any(n.endswith("mlp.fc.lora_B") for n in adapter)
+    assert sum(t.numel() for t in adapter.values()) == info["trainable_parameters"] < info["parameters"] / 4
+    model, tokenizer, _ = S.load_classifier_run("spam-lora")
+    data = S.prepare_sms_data(tokenizer, 48, max_length=16)
+    assert abs(C.evaluate_split(model, data.splits["test"])["accuracy"] - headline["test_accuracy"]) < 1e-4
+    runs.delete_run("start")
+    S._LOADED.clear()
+    with pytest.raises(GlassBoxError, match="adapter on run 'start'"):
+        S.classify_text("spam-lora", "Free prize, call now")
+
+
+def test_lora_stop_and_resume_matches_a_straight_run(with_runs):
+    config = dict(max_steps=8, **{**FAST, "eval_every": 4, "checkpoint_every": 4})
+    lora_opts = dict(lora_rank=2, max_length=16)
+    straight = fine_tune("lora-straight", "start", train_config=C.default_train_config(**config), **lora_opts)
+
+    def stop_at_4(record):
+        if record.get("step") == 4:
+            runs.request_stop("lora-paused")
+
+    first = fine_tune("lora-paused", "start", progress=stop_at_4, train_config=C.default_train_config(**config),
+                      **lora_opts)
+    assert first["stopped"] and first["steps"] == 4
+    resumed = fine_tune("lora-paused", resume=True, train_config=C.default_train_config(**config))
+    assert resumed["steps"] == 8 and not resumed["stopped"]
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lora_rank=0), "rank must be a whole number of at least 1"),
+    (dict(lora_rank=64), "Rank 64 is larger than the matrix"),
+    (dict(lora_rank=2, lora_alpha=float("nan")), "alpha must be a positive number"),
+    (dict(lora_rank=2, lora_targets=("qkv", "ffn")), "targets must be some of"),
+])
+def test_bad_lora_settings_are_refused_before_a_run_is_made(with_runs, settings, message):
+    with pytest.raises(GlassBoxError, match=message):
+        fine_tune("bad-lora", "start", train_config=C.default_train_config(max_steps=1), **settings)
+    assert not runs.run_dir("bad-lora").exists()
+
+
+def test_lora_on_a_run_without_the_named_matrices_names_them(with_runs, monkeypatch):
+    from core.gpt import lora
+
+    monkeypatch.setitem(lora.TARGETS, "mlp", ("gate_proj", "up_proj"))  # as a model without them
+    with pytest.raises(GlassBoxError, match="no mlp matrices"):
+        fine_tune("bad-lora", "start", lora_rank=2, train_config=C.default_train_config(max_steps=1))
+    assert not runs.run_dir("bad-lora").exists()
+
+
+def test_cli_lora_flags(with_runs, capsys):
+    from core.__main__ import main
+
+    assert main(["classify", "--from", "start", "--steps", "2", "--lora-rank", "2", "--lora-targets", "qkv",
+                 "--max-length", "16", "--run-id", "cli-lora"]) == 0
+    info = runs.open_run("cli-lora").config["classifier"]["lora"]
+    assert info["targets"] == ["qkv"] and info["alpha"] == 2.0  # alpha defaults to the rank
+    assert main(["classify", "--from", "start", "--lora-rank", "2", "--lora-alpha", "nan", "--run-id", "z"]) == 2
+    assert "alpha" in capsys.readouterr().err
+
+
+def test_choice_costs_side_by_side_before_training(with_runs):
+    rows = {r["what learns"]: r for r in S.choice_costs("start", rank=2, time_steps=1, batch_size=4)}
+    assert list(rows) == ["head", "last-block", "all", "lora"]
+    total = C.trainable_parameters(C.build_classifier(runs.open_run("start").config["model"], "all"))[1]
+    assert rows["head"]["trainable parameters"] == 32 * 2 + 2
+    assert rows["head"]["trainable parameters"] < rows["lora"]["trainable parameters"] < rows["all"]["trainable parameters"]
+    assert rows["all"]["share"] == 1.0 and rows["all"]["trainable parameters"] == total
+    for row in rows.values():  # AdamW keeps two moments per trainable number, fp32
+        assert row["AdamW moments (MB)"] == pytest.approx(8 * row["trainable parameters"] / 1e6, abs=0.01)
+        assert row["step time (ms)"] > 0

@@ -310,3 +310,67 @@ def test_stop_and_resume(tmp_path, monkeypatch):
     done = run_instruct("r", "start", config, resume=True, **settings)
     assert done["steps"] == 10 and not done["stopped"]
     assert (runs.run_dir("r") / "responses.json").exists()
+
+
+# --- best weights and LoRA ------------------------------------------------------------------
+
+def test_the_run_keeps_the_weights_of_its_best_validation_loss(tmp_path):
+    from core.lab import runs
+    from core.gpt.train import TrainConfig
+
+    make_start_run()
+    config = TrainConfig(max_steps=12, batch_size=4, lr=3e-2, min_lr=3e-2, warmup_steps=1, eval_every=3,
+                         sample_every=100, log_every=1, checkpoint_every=100)  # a rate high enough to wobble
+    result = run_instruct("kept", "start", config, data=toy_data_file(tmp_path), eval_limit=2,
+                          max_new_tokens=4, patience=0)
+    evals = [m for m in runs.open_run("kept").metrics() if m.get("val_loss") is not None]
+    best = min(evals, key=lambda m: m["val_loss"])
+    assert result["weights_step"] == best["step"] and result["val_loss"] == pytest.approx(best["val_loss"], abs=1e-5)
+    rates = json.loads((runs.run_dir("kept") / "format_rates.json").read_text())
+    assert rates["weights_step"] == best["step"] and not rates["early_stopped"]
+    # the saved weights are those weights: their validation loss is the best one
+    model, tokenizer, _ = stage.load_language_model("kept")
+    splits = ins.split_records(stage.load_instruction_data(toy_data_file(tmp_path)))
+    task = ins.InstructionTask(tokenizer, splits, model.config.context_length)
+    assert task.evaluate(model)["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)
+
+
+def test_a_lora_instruction_run_saves_only_its_adapter(tmp_path):
+    from core.lab import runs
+    from core.gpt.train import TrainConfig
+
+    base, _ = make_start_run()
+    config = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=3, sample_every=100,
+                         log_every=1, checkpoint_every=100)
+    run_instruct("tuned-lora", "start", config, data=toy_data_file(tmp_path), eval_limit=2, max_new_tokens=4,
+                 lora_rank=4, lora_targets=("qkv", "proj"))
+    folder = runs.run_dir("tuned-lora")
+    assert not (folder / "model.safetensors").exists() and (folder / "responses.json").exists()
+    adapter = runs.load_tensors(folder / stage.ADAPTER_FILE)
+    assert adapter and all(n.endswith(("lora_A", "lora_B")) for n in adapter)
+    assert not any(".mlp." in n for n in adapter)  # only the matrices asked for
+    start_model, tuned, tokenizer = stage.load_comparison_models("tuned-lora")
+    x = torch.tensor([tokenizer.encode(ins.format_prompt(TOY_RECORDS[0]))])
+    assert torch.allclose(start_model(x)[0], base.eval()(x)[0], atol=1e-5)  # the parent, untouched
+    assert not torch.allclose(tuned(x)[0], start_model(x)[0], atol=1e-4)  # parent + a trained adapter
+    runs.delete_run("start")
+    with pytest.raises(GlassBoxError, match="'start'"):
+        stage.load_language_model("tuned-lora")
+
+
+def test_cli_refuses_bad_lora_settings(tmp_path, capsys):
+    from core.__main__ import main
+
+    make_start_run()
+    base = ["instruct", "--from", "start", "--data", toy_data_file(tmp_path), "--steps", "1", "--run-id", "x"]
+    assert main(base + ["--lora-rank", "0"]) == 2
+    assert "rank" in capsys.readouterr().err
+    assert main(base + ["--lora-rank", "500"]) == 2  # wider than the tiny model's matrices
+    assert "larger than the matrix" in capsys.readouterr().err
+
+
+def test_choice_costs_of_stage_6():
+    make_start_run()
+    rows = {r["what learns"]: r for r in stage.choice_costs("start", rank=2)}
+    assert set(rows) == {"all", "lora"} and rows["all"]["share"] == 1.0
+    assert 0 < rows["lora"]["trainable parameters"] < rows["all"]["trainable parameters"] / 5

@@ -130,3 +130,28 @@ def test_page_shows_results_own_message_and_side_by_side():
     at.text_area[0].input("   ")
     at.button[-1].click().run()
     assert any("Type a message" in e.value for e in at.error)
+
+
+def test_the_cost_of_each_choice_is_shown_before_training():
+    make_start_run()
+    at = page()
+    assert not at.exception, at.exception
+    costs = next(df.value for df in at.dataframe if "trainable parameters" in df.value.columns)
+    assert list(costs["what learns"]) == ["head", "last-block", "all", "lora"]
+    assert costs["trainable parameters"].iloc[0] == 16 * 2 + 2  # the new head: n_embd × 2 + 2 biases
+    assert costs["share"].iloc[2] == 1.0 and costs["step time (ms)"].isna().all()
+    at.toggle(key="classify_time").set_value(True).run()
+    costs = next(df.value for df in at.dataframe if "trainable parameters" in df.value.columns)
+    assert (costs["step time (ms)"] > 0).all()
+
+
+def test_the_curves_mark_the_step_whose_weights_the_run_keeps():
+    tokenizer = make_start_run()
+    make_finished_classifier("kept", tokenizer)
+    path = runs.run_dir("kept") / "results.json"
+    runs.write_json_atomic(path, {**json.loads(path.read_text()), "weights_step": 10})
+    at = page()
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    marked = [s for s in specs if any(a.get("text") == "kept weights" for a in s["layout"].get("annotations", []))]
+    assert len(marked) == 2  # the loss and the accuracy curves
+    assert all(shape["x0"] == 10 for s in marked for shape in s["layout"]["shapes"])

@@ -101,14 +101,14 @@ def test_page_shows_a_finished_run_side_by_side(finished_run):
 
 def test_own_instruction_empty_and_answered(finished_run):
     at = page().run()
-    at.text_area[0].set_value("   ")
-    at.button[-1].click()  # the form's "Ask both models"
+    at.text_area(key="instruct_own").set_value("   ")
+    at.button(key="instruct_ask").click()  # the form's "Ask both models"
     at.run()
     assert any("Type an instruction first" in e.value for e in at.error)
 
-    at.text_area[0].set_value("Name a <colour>.")
-    at.slider[-1].set_value(8)
-    at.button[-1].click()
+    at.text_area(key="instruct_own").set_value("Name a <colour>.")
+    at.slider(key="instruct_own_tokens").set_value(8)
+    at.button(key="instruct_ask").click()
     at.run()
     assert not at.exception and not at.error
     text = all_markdown(at)

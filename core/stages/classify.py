@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from core.gpt import classify as C
 from core.gpt import lora
 from core.gpt.errors import GlassBoxError
 from core.gpt.model import GPT, GPTConfig
+from core.gpt.train import TrainHooks, TrainState, train_step
 from core.lab import data as data_registry
 from core.lab import jobs, models, runs
 from core.lab.cli import option
@@ -500,6 +502,69 @@ def page_settings(start: str, random_init: bool, learns: str, budget: str, amoun
                     steps=int(amount) if budget == "steps" else None,
                     minutes=float(amount) if budget == "minutes" else None, batch_size=int(batch_size),
                     lr=float(lr), max_length=int(max_length) or None, run_id=run_id, **lora_options)
+
+
+# ---------------------------------------------------------------------------------- what each choice costs
+
+
+COSTS_CAPTION = ("**What each choice costs**, before training: the numbers that learn, the memory of their "
+                 "gradients and of AdamW's two moments, and (if you ask) the time of one training step.")
+
+
+def time_train_steps(model, task, config: C.TrainConfig, steps: int) -> float:
+    """Seconds per optimiser step (the textbook's `train_step`), after one untimed warm-up step."""
+    state, hooks = TrainState(), TrainHooks()
+    inputs, targets = task.get_batch("train", 0, config.batch_size)
+    model.train()
+    train_step(model, task, inputs, targets, config, config.lr, state, hooks)  # builds AdamW
+    started = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, task, inputs, targets, config, config.lr, state, hooks)
+    return (time.perf_counter() - started) / steps
+
+
+def cost_table(builders: dict[str, Callable], task=None, config: C.TrainConfig | None = None,
+               time_steps: int = 0) -> list[dict]:
+    """For each way of fine-tuning (a function building its model): trainable parameters, the
+    memory their gradients and AdamW's two moments take, and (when `time_steps`) the step time."""
+    rows = []
+    for name, build in builders.items():
+        model = build()
+        trainable, total = C.trainable_parameters(model)
+        memory = lora.training_memory(trainable)
+        row = {"what learns": name, "trainable parameters": trainable, "share": trainable / max(1, total),
+               "gradients (MB)": round(memory["gradients"] / 1e6, 2),
+               "AdamW moments (MB)": round(memory["optimiser"] / 1e6, 2), "step time (ms)": None}
+        if time_steps and task is not None:
+            row["step time (ms)"] = round(1000 * time_train_steps(model, task, config, time_steps), 1)
+        rows.append(row)
+        del model
+    return rows
+
+
+def choice_costs(start_run: str, rank: int = 8, alpha: float | None = None, targets=LORA_TARGETS,
+                 batch_size: int = 16, time_steps: int = 0) -> list[dict]:
+    """Stage 5's choices side by side, before training: head, last block, all weights, LoRA.
+    (The weights do not change the costs, so the models are built from the run's shape alone.)"""
+    run = check_start_run(start_run)
+    shape = run.config["model"]
+
+    def builder(freeze: str):
+        def build():
+            model = C.make_classifier(GPT(GPTConfig.from_dict(shape)), "head" if freeze == "lora" else freeze)
+            if freeze == "lora":
+                lora.add_lora(model, rank, alpha, targets)
+                for p in model.lm_head.parameters():
+                    p.requires_grad = True
+            return model
+        return build
+
+    task = None
+    if time_steps:
+        tokenizer = load_tokenizer(run.path / "tokenizer.json")
+        task = C.ClassificationTask(prepare_sms_data(tokenizer, int(shape["context_length"])))
+    config = C.default_train_config(batch_size=batch_size)
+    return cost_table({f: builder(f) for f in (*FREEZE_MODES, "lora")}, task, config, time_steps)
 
 
 __all__ = ["GlassBoxError"]  # re-exported for the page

@@ -23,13 +23,15 @@ from core.gpt.classify import KeepBest, DEFAULT_PATIENCE
 from core.gpt.errors import GlassBoxError
 from core.gpt.train import TrainConfig
 from core.lab import data as data_registry
-from core.lab import jobs, models, runs
+from core.lab import jobs, models, runs, snapshots
 from core.lab.cli import option
 from core.lab.errors import DataError, RunError
 from core.lab.tokenizer_files import save_tokenizer
 from core.lab.training import train
-from core.stages.classify import (ADAPTER_FILE, LORA_TARGETS, keep_best_hook, load_keep_best,
-                                  load_language_model, load_start_model)
+from core.gpt.model import GPT, GPTConfig
+from core.lab.tokenizer_files import load_tokenizer
+from core.stages.classify import (ADAPTER_FILE, COSTS_CAPTION, LORA_TARGETS, check_start_run, cost_table,
+                                  keep_best_hook, load_keep_best, load_language_model, load_start_model)
 
 COMMAND = "instruct"
 RESPONSES_FILE = "responses.json"          # what stage 7 reads
@@ -128,6 +130,15 @@ def _start_model(settings: Settings):
     return model, tokenizer, lora_info
 
 
+def snapshot_info(model, lora_info: dict | None, probe: str) -> dict:
+    """The time slider's snapshots (pages 4-6): the default budget when two fp16 copies fit in it;
+    none for a LoRA run (its own weights are the adapter) or a model too big for the budget."""
+    one = snapshots.snapshot_bytes(model)
+    budget = int(snapshots.DEFAULT_BUDGET_MB * 2**20)
+    return {"budget_bytes": 0 if lora_info or 2 * one > budget else budget, "bytes_per_snapshot": one,
+            "probe": probe}
+
+
 def _answers_of_start(run_id, model, tokenizer, test, settings, say) -> list[ins.Answer]:
     """The starting model on the test split (kept, so a resumed run needn't redo it)."""
     base_file = runs.run_dir(run_id) / BASE_ANSWERS_FILE
@@ -171,7 +182,8 @@ def run(settings: Settings, progress=None, train_config: TrainConfig | None = No
     test = splits["test"][: settings.eval_limit] if settings.eval_limit else splits["test"]
     run_config = {"from": settings.start, "instruct": settings.recorded(), "train": config.to_dict(),
                   "model": model.config.to_dict(), "tokenizer": getattr(tokenizer, "kind", None),
-                  "splits": {name: len(part) for name, part in splits.items()}, "lora": lora_info}
+                  "splits": {name: len(part) for name, part in splits.items()}, "lora": lora_info,
+                  "snapshots": snapshot_info(model, lora_info, ins.format_prompt(splits["val"][0]))}
     runs.create_run(settings.run_id, "instruct", run_config, parent=settings.start, resume=settings.resume)
     folder = runs.run_dir(settings.run_id)
     save_tokenizer(tokenizer, folder / "tokenizer.json")
@@ -190,7 +202,8 @@ def _tune_and_compare(settings, model, tokenizer, splits, test, config, lora_inf
     task = ins.InstructionTask(tokenizer, splits, model.config.context_length, mask_prompt=settings.mask_prompt,
                                seed=config.seed, sample_tokens=min(64, settings.max_new_tokens))
     keep = load_keep_best(run_id, settings.recorded()["patience"] or None)
-    summary = train(run_id, model, task, config, resume=settings.resume,
+    plan = snapshots.Plan(runs.open_run(run_id).config.get("snapshots", {}).get("budget_bytes", 0), model)
+    summary = train(run_id, model, task, config, resume=settings.resume, snapshot_plan=plan,
                     progress=keep_best_hook(run_id, model, keep, config, progress))
     result = {"run_id": run_id, "steps": summary.get("steps"), "train_loss": summary.get("train_loss"),
               "val_loss": summary.get("val_loss"), "format_rate_start": rate_start,
@@ -365,6 +378,30 @@ def page_settings(start: str, minutes: float, lr: float, batch_size: int, mask_p
     return Settings(start=start, data="instruction-data", minutes=float(minutes), lr=float(lr),
                     batch_size=int(batch_size), mask_prompt=bool(mask_prompt), eval_limit=int(eval_limit),
                     run_id=run_id, **lora_options)
+
+
+def choice_costs(start_run: str, rank: int = 8, alpha: float | None = None, targets=LORA_TARGETS,
+                 batch_size: int = 8, time_steps: int = 0) -> list[dict]:
+    """Stage 6's choices side by side, before training: every weight, or LoRA adapters."""
+    run = check_start_run(start_run)
+    shape = run.config["model"]
+
+    def build_all():
+        return GPT(GPTConfig.from_dict(shape))
+
+    def build_lora():
+        model = GPT(GPTConfig.from_dict(shape))
+        lora.add_lora(model, rank, alpha, targets)
+        return model
+
+    task = None
+    if time_steps:
+        tokenizer = load_tokenizer(run.path / "tokenizer.json")
+        splits = ins.split_records(load_instruction_data("instruction-data"))
+        task = ins.InstructionTask(tokenizer, {"train": splits["train"][:64], "val": splits["val"][:1]},
+                                   int(shape["context_length"]))
+    config = TrainConfig(max_steps=1, batch_size=batch_size, lr=1e-4)
+    return cost_table({"all": build_all, "lora": build_lora}, task, config, time_steps)
 
 
 __all__ = ["GlassBoxError"]  # re-exported for the page
