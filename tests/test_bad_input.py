@@ -29,6 +29,7 @@ from core.lab import gpt2 as G
 from core.lab import judge_client as J
 from core.gpt import model as M
 from core.gpt import tokenizers as tok
+from core.lab import tokenizer_files
 from core.gpt import train as T
 from core.__main__ import main as cli_main
 from core.gpt.errors import GlassBoxError, ModelConfigError, TokenizerError, TrainingError
@@ -108,7 +109,7 @@ CORE_CASES = [
     ("corpus · empty", lambda t: tok.train_bpe("", 300), TokenizerError, "empty"),
     ("corpus · bytes", lambda t: tok.train_char(b"bytes"), TokenizerError, "text"),
     ("corpus · lone surrogate", lambda t: tok.train_bpe("a\ud800b", 300), TokenizerError, "surrogate"),
-    ("tokenizer spec · unknown", lambda t: tok.tokenizer_from_spec("no-such-run", "abc"), GlassBoxError, "no-such-run"),
+    ("tokenizer spec · unknown", lambda t: tokenizer_files.tokenizer_from_spec("no-such-run", "abc"), GlassBoxError, "no-such-run"),
     # stage 2: the worked example's sentence and sizes
     ("attention text · empty", lambda t: att.attention_steps(""), GlassBoxError, "word"),
     ("attention text · huge", lambda t: att.attention_steps("w " * 10_000), GlassBoxError, "24"),

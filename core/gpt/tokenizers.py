@@ -446,22 +446,12 @@ def compression_curve(tokenizer: BPETokenizer, text: str, sizes: Iterable[int]) 
     return rows
 
 
-# ---- TRANSITIONAL (H3): files and tiktoken now live in core/lab/tokenizer_files.py. These bridges
-# keep core/lab/models.py, core/lab/gpt2.py, core/gpt/model.py, core/gpt/classify.py and
-# core/stages/pretrain.py working until their owners import from there; then they are deleted.
+# ---- TRANSITIONAL (H3): files now live in core/lab/tokenizer_files.py. These two bridges keep
+# core/lab/models.py (load_tokenizer, tokenizer.save) and tests/test_page_5.py (tokenizer.save)
+# working until they import from there; then they are deleted.
 def load_tokenizer(path):
     from core.lab.tokenizer_files import load_tokenizer as load  # TRANSITIONAL bridge, see above
     return load(path)
-
-
-def gpt2_tokenizer():
-    from core.lab.tokenizer_files import gpt2_tokenizer as gpt2  # TRANSITIONAL bridge, see above
-    return gpt2()
-
-
-def tokenizer_from_spec(spec, text=None):
-    from core.lab.tokenizer_files import tokenizer_from_spec as from_spec  # TRANSITIONAL bridge
-    return from_spec(spec, text)
 
 
 def _save(self, path):
