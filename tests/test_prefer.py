@@ -356,3 +356,28 @@ def test_a_stage_6_lora_run_with_adapter_safetensors_opens_as_parent_plus_adapte
     x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (merged(x)[0] - model.eval()(x)[0]).abs().max() <= 1e-5
+
+
+def test_a_chatml_model_gets_its_own_template_and_end_of_turn(sft_run):
+    from core.gpt.chat import chatml_prompt
+
+    class ChatTokenizer(ByteTokenizer):
+        specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+        vocab_size = 259
+
+        def encode(self, text):
+            return [self.specials[text]] if text in self.specials else super().encode(text)
+
+        def special_ids(self):
+            return set(self.specials.values())
+
+    fmt, end = stage.prompt_format_for(ChatTokenizer())
+    entry = {"instruction": "Greet me.", "input": "politely", "chosen": "Hi!", "rejected": "No."}
+    assert end == 258
+    assert fmt(entry) == chatml_prompt([{"role": "user", "content": "Greet me.\n\npolitely"}])
+    assert fmt(entry).endswith("<|im_start|>assistant\n")
+    pair = dpo.encode_pair(ChatTokenizer(), entry, fmt, end)
+    assert pair.chosen[-1] == pair.rejected[-1] == 258
+    _, tokenizer, _ = adapters.load_run("sft")  # our own BPE: the book's Alpaca template
+    fmt, end = stage.prompt_format_for(tokenizer)
+    assert fmt(entry).startswith("Below is an instruction") and end == tokenizer.eot_id

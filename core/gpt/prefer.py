@@ -89,9 +89,10 @@ class EncodedPair:
     prompt_length: int
 
 
-def encode_pair(tokenizer, entry: dict, prompt_format=format_prompt) -> EncodedPair:
-    """Token ids of both answers after the same prompt (the prompt encoded once, on its own)."""
-    eot_id = require_end_of_text(tokenizer)
+def encode_pair(tokenizer, entry: dict, prompt_format=format_prompt, end_id: int | None = None) -> EncodedPair:
+    """Token ids of both answers after the same prompt (the prompt encoded once, on its own).
+    Each answer ends with `end_id`: end-of-text, or the chat template's end of turn."""
+    eot_id = require_end_of_text(tokenizer) if end_id is None else end_id
     prompt = tokenizer.encode(prompt_format(entry))
     return EncodedPair(chosen=prompt + tokenizer.encode(entry["chosen"]) + [eot_id],
                        rejected=prompt + tokenizer.encode(entry["rejected"]) + [eot_id],
@@ -183,14 +184,14 @@ class DPOTask(TrainTask):
 
     def __init__(self, tokenizer, splits: dict[str, list[dict]], context_length: int,
                  beta: float = 0.1, reference=None, seed: int = 1337, eval_pairs: int | None = None,
-                 eval_batch_size: int = 4, prompt_format=format_prompt):
+                 eval_batch_size: int = 4, prompt_format=format_prompt, end_id: int | None = None):
         self.beta = check_beta(beta)
         self.tokenizer, self.reference, self.seed = tokenizer, reference, seed
         self.pad_id = require_end_of_text(tokenizer)
         self.context_length, self.eval_batch_size = context_length, eval_batch_size
         val = splits["val"][:eval_pairs] if eval_pairs else splits["val"]
-        self.encoded = {"train": [encode_pair(tokenizer, r, prompt_format) for r in splits["train"]],
-                        "val": [encode_pair(tokenizer, r, prompt_format) for r in val]}
+        self.encoded = {name: [encode_pair(tokenizer, r, prompt_format, end_id) for r in part]
+                        for name, part in (("train", splits["train"]), ("val", val))}
         self.val_reference: list[torch.Tensor] | None = None  # computed once: the reference never changes
 
     def prepare(self, config, device) -> None:
@@ -242,6 +243,20 @@ class DPOTask(TrainTask):
 
     def tokens_in_batch(self, inputs) -> int:
         return int(inputs.numel())
+
+
+@torch.no_grad()
+def answer(model, tokenizer, entry: dict, prompt_format=format_prompt, end_id: int | None = None,
+           max_new_tokens: int = 64) -> tuple[str, bool]:
+    """A greedy answer to one record: (text, stopped at `end_id` before the token budget ran out)."""
+    end_id = require_end_of_text(tokenizer) if end_id is None else end_id
+    keep = max(1, model.config.context_length - max_new_tokens)  # room for the answer
+    prompt = tokenizer.encode(prompt_format(entry))[-keep:]
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([prompt], device=device), max_new_tokens, temperature=0.0, eos_id=end_id)
+    new = out[0, len(prompt):].tolist()
+    stopped = end_id in new
+    return tokenizer.decode(new[:new.index(end_id)] if stopped else new).strip(), stopped
 
 
 def reference_copy(model):

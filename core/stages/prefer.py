@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from core.gpt.errors import GlassBoxError, TrainingError
-from core.gpt.instruct import answer_all, split_records
+from core.gpt.chat import template_for
+from core.gpt.instruct import format_prompt, require_end_of_text, split_records
 from core.gpt.lora import DEFAULT_TARGETS, LoRALinear, add_lora, check_lora_settings, lora_disabled, \
     trainable_parameters
-from core.gpt.prefer import DPOTask, check_beta, dpo_loss, parse_preference_records, reference_copy, \
+from core.gpt.prefer import DPOTask, answer, check_beta, dpo_loss, parse_preference_records, reference_copy, \
     sequence_logprobs
 from core.gpt.train import TrainConfig
 from core.lab import adapters, data, device as devices, jobs, models, paths, runs
@@ -133,6 +134,20 @@ def load_start(from_run: str):
     return model, tokenizer
 
 
+def prompt_format_for(tokenizer):
+    """(prompt format, end-of-answer id) of the start model's template: SmolLM2 speaks ChatML
+    (the instruction as the user's turn, answers end with <|im_end|>); our runs speak Alpaca."""
+    template = template_for(tokenizer)
+    if template.name != "chatml":
+        return format_prompt, require_end_of_text(tokenizer)
+
+    def chatml(entry: dict) -> str:
+        text = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
+        return template.render([{"role": "user", "content": text}])
+
+    return chatml, tokenizer.encode("<|im_end|>")[0]
+
+
 def default_lr(model, lora: bool) -> float:
     """Full DPO moves every weight: GPT-2-sized models take the book's 5e-6; LoRA adapters start at
     zero and need larger steps."""
@@ -206,8 +221,9 @@ def run(settings: Settings, progress=print_progress) -> dict:
         adapters.save_adapter_run(run_id, model, s.start)
     else:
         models.save_model_run(run_id, model, tokenizer)
+    prompt_format, end_id = prompt_format_for(tokenizer)
     task = DPOTask(tokenizer, splits, model.config.context_length, beta=s.beta, reference=reference,
-                   seed=s.seed, eval_pairs=s.eval_pairs)
+                   seed=s.seed, eval_pairs=s.eval_pairs, prompt_format=prompt_format, end_id=end_id)
     device = devices.pick_device(s.device) if s.device else None
     start_eval = _start_evaluation(run_id, task, model, say)
     summary = train(run_id, model, task, config, resume=s.resume, device=device, progress=progress)
@@ -220,7 +236,8 @@ def run(settings: Settings, progress=print_progress) -> dict:
               "trainable_parameters": trainable_parameters(model), "lora": lora,
               "identical_pairs_skipped": len(identical), "stopped": bool(summary.get("stopped"))}
     if not result["stopped"] and s.answers:
-        _answer_side_by_side(run_id, model, reference, tokenizer, splits["test"][: s.answers], s, say)
+        _answer_side_by_side(run_id, model, reference, tokenizer, splits["test"][: s.answers], s, say,
+                             prompt_format, end_id)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -240,16 +257,22 @@ def _start_evaluation(run_id: str, task: DPOTask, model, say) -> dict:
     return stats
 
 
-def _answer_side_by_side(run_id, model, reference, tokenizer, records, s: Settings, say) -> None:
+def _answer_side_by_side(run_id, model, reference, tokenizer, records, s: Settings, say, prompt_format,
+                         end_id) -> None:
     """Both models answer the same unseen instructions: SFT (the start) first, then DPO."""
     model.eval()
+
+    def answers(net, label):
+        say(f"{label}: answering {len(records)} held-out test instructions …")
+        return [answer(net, tokenizer, r, prompt_format, end_id, s.max_new_tokens) for r in records]
+
     with models.generation_threads(model):
         with (lora_disabled(model) if reference is None else nullcontext()):
-            sft = answer_all(reference or model, tokenizer, records, s.max_new_tokens, say, "SFT (start)")
-        dpo = answer_all(model, tokenizer, records, s.max_new_tokens, say, "DPO (tuned)")
+            sft = answers(reference or model, "SFT (start)")
+        dpo = answers(model, "DPO (tuned)")
     rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"],
-             "sft_response": a.text, "dpo_response": b.text, "chosen": r["chosen"], "rejected": r["rejected"],
-             "sft_stopped": a.stopped, "dpo_stopped": b.stopped} for r, a, b in zip(records, sft, dpo)]
+             "sft_response": a[0], "dpo_response": b[0], "chosen": r["chosen"], "rejected": r["rejected"],
+             "sft_stopped": a[1], "dpo_stopped": b[1]} for r, a, b in zip(records, sft, dpo)]
     runs.write_json_atomic(runs.run_dir(run_id) / RESPONSES_FILE, rows)
 
 
