@@ -32,6 +32,13 @@ from core.lab import gguf
 from core.lab.models import generation_threads, load_model_run
 
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "q4_1")
+# The fixed paragraph docs/modern-weights.md measures per-token loss on (107 SmolLM2 tokens).
+PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+             "movable metal type, oil-based ink and a wooden screw press into a system that could produce books "
+             "quickly and cheaply. Before then, most books in Europe were copied by hand, a slow process that kept "
+             "them rare and expensive. Within fifty years, presses were operating in more than two hundred cities, "
+             "and millions of volumes had been printed. The new technology spread ideas faster than ever before, "
+             "helping to fuel the Renaissance, the Reformation and the scientific revolution.")
 
 
 def _engine() -> None:

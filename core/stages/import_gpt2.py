@@ -88,7 +88,7 @@ def run(settings: Settings, progress=None) -> dict:
         return import_gpt2(folder, run_id, progress=say)
     kind, path = resolve_source(settings.folder)
     if kind == "gguf":
-        name = SMOLLM2 if path.name == gguf.SMOLLM2_FILE else None
+        name = "smollm2" if path.name == gguf.SMOLLM2_FILE else None
         return gguf.import_gguf(path, run_id, progress=say, name=name)
     if kind == "llama":
         return import_llama(path, run_id, progress=say)
