@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from core.lab.errors import DataError
+from core.gpt.errors import DataError
 
 
 def _as_id_tensor(ids) -> torch.Tensor:

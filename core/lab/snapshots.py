@@ -21,10 +21,11 @@ from core.gpt import embeddings
 from core.gpt.errors import GlassBoxError, TrainingError
 from core.gpt.microscope import per_token_loss
 from core.gpt.model import GPT, GPTConfig
-from core.gpt.tokenizers import load_tokenizer, visible
+from core.gpt.tokenizers import visible
 from core.lab import runs
 from core.lab.errors import CorruptRunError
 from core.lab.models import generation_threads, load_model_weights, model_tensors
+from core.lab.tokenizer_files import load_tokenizer
 
 FOLDER = "snapshots"
 DEFAULT_PROBE = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."

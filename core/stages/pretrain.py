@@ -25,11 +25,11 @@ from core.gpt import health
 from core.gpt.errors import GlassBoxError, TrainingError
 from core.gpt.model import GPT, PRESETS, GPTConfig, count_parameters, preset_config
 from core.gpt.pretrain import LanguageModelTask, default_tokenizer, encode_corpus, recipe
-from core.gpt.tokenizers import load_tokenizer, tokenizer_from_spec
 from core.gpt.train import TrainConfig, batch_generator, budget_progress, effective_warmup, learning_rate, train_step
 from core.lab import data, device as devices, jobs, runs, snapshots
 from core.lab.cli import option
 from core.lab.models import save_model_run
+from core.lab.tokenizer_files import load_tokenizer, tokenizer_from_spec
 from core.lab.training import run_world, train
 
 COMMAND = "pretrain"
