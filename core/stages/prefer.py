@@ -57,6 +57,7 @@ class Settings:
     lora_targets: tuple[str, ...] = option(DEFAULT_TARGETS, help="matrices that get adapters: qkv,proj,mlp")
     lr: float | None = option(None, help="peak learning rate (default: by model size and LoRA)")
     batch_size: int = option(8, help="preference pairs per step")
+    warmup: int = option(10, help="warm-up steps of the learning rate")
     eval_every: int = option(20, help="steps between held-out evaluations")
     eval_pairs: int = option(32, help="held-out pairs evaluated (from the validation split)")
     answers: int = option(10, help="held-out test instructions both models answer at the end (0: none)")
@@ -76,6 +77,8 @@ class Settings:
             raise TrainingError(f"--minutes must be more than 0 (got {self.minutes}).")
         if self.lora_rank is not None:
             check_lora_settings(self.lora_rank, self.lora_alpha, self.lora_targets)
+        if self.warmup < 0:
+            raise TrainingError(f"warm-up steps must be 0 or more (got {self.warmup}).")
         for name in ("batch_size", "eval_every", "eval_pairs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name.replace('_', ' ')} must be at least 1 (got {getattr(self, name)}).")
@@ -161,7 +164,7 @@ def _train_config(s: Settings, model, stored: dict | None) -> TrainConfig:
     lr = s.lr if s.lr is not None else default_lr(model, s.lora_rank is not None)
     steps = s.steps if s.steps or s.minutes else 100
     return TrainConfig(max_steps=steps, max_minutes=s.minutes, batch_size=s.batch_size, lr=lr,
-                       min_lr=lr / 10, warmup_steps=10, weight_decay=0.0, eval_every=s.eval_every,
+                       min_lr=lr / 10, warmup_steps=s.warmup, weight_decay=0.0, eval_every=s.eval_every,
                        sample_every=10**9, checkpoint_every=max(s.eval_every, 50), log_every=5, seed=s.seed)
 
 
