@@ -446,14 +446,8 @@ def compression_curve(tokenizer: BPETokenizer, text: str, sizes: Iterable[int]) 
     return rows
 
 
-# ---- TRANSITIONAL (H3): files now live in core/lab/tokenizer_files.py. These two bridges keep
-# core/lab/models.py (load_tokenizer, tokenizer.save) and tests/test_page_5.py (tokenizer.save)
-# working until they import from there; then they are deleted.
-def load_tokenizer(path):
-    from core.lab.tokenizer_files import load_tokenizer as load  # TRANSITIONAL bridge, see above
-    return load(path)
-
-
+# ---- TRANSITIONAL (H3): files now live in core/lab/tokenizer_files.py. This bridge keeps
+# tests/test_page_5.py (tokenizer.save) working until it calls save_tokenizer; then it is deleted.
 def _save(self, path):
     from core.lab.tokenizer_files import save_tokenizer  # TRANSITIONAL bridge, see above
     return save_tokenizer(self, path)
