@@ -13,6 +13,7 @@ from core.gpt import prefer as dpo
 from core.gpt.instruct import IGNORE_INDEX
 from core.gpt.model import GPT, preset_config
 from core.gpt.train import TrainConfig, make_optimizer
+from core.lab import models
 
 
 @pytest.fixture(autouse=True)
@@ -289,6 +290,10 @@ def test_a_lora_dpo_run_saves_only_its_adapter_and_names_a_deleted_parent(sft_ru
     assert config["lora"]["parent"] == "sft" and not any("lora" in n for n in model.state_dict())
     parent, _, _ = adapters.load_run("sft")
     assert (model.blocks[0].attn.qkv.weight - parent.blocks[0].attn.qkv.weight).abs().max() > 0
+    # The one run loader opens it too (every page and command goes through it), as a language model.
+    same, _, _ = models.load_model_run("dpo-lora")
+    torch.testing.assert_close(same.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+    assert "dpo-lora" in [r.id for r in models.language_model_runs()]
     runs.delete_run("sft")
     with pytest.raises(RunNotFoundError, match="LoRA adapter on top of run 'sft', which has been deleted"):
         adapters.load_run("dpo-lora")

@@ -21,13 +21,13 @@ import torch
 
 from core.gpt.errors import ModelConfigError
 from core.gpt.model import GPT, GPTConfig
-from core.gpt.tokenizers import load_tokenizer
-from core.lab import runs
+from core.lab import adapters, runs  # adapters imports this module back: used at call time only
 from core.lab.errors import CorruptRunError
+from core.lab.tokenizer_files import load_tokenizer, save_tokenizer
 
 # Runs whose weights are a whole language model (a GPT with its output head), which stages 2, 3, 5,
 # 6 and 7 can open with `load_model_run`. A classify run's head scores two classes, not tokens.
-LANGUAGE_MODEL_STAGES = ("pretrain", "import", "instruct")
+LANGUAGE_MODEL_STAGES = ("pretrain", "import", "instruct", "prefer")
 
 # A cached decoding step of a small model is a handful of tiny matrix-vector products: a second CPU
 # thread cannot share such little work and only adds waiting. When another process keeps the cores
@@ -38,7 +38,11 @@ SINGLE_THREAD_DECODE_BELOW = 20_000_000
 
 def is_language_model_run(run: runs.Run, require_weights: bool = True) -> bool:
     """True when `run` holds a language model that `load_model_run` can open."""
-    if run.error or run.stage not in LANGUAGE_MODEL_STAGES or "model" not in run.config:
+    if run.error or run.stage not in LANGUAGE_MODEL_STAGES:
+        return False
+    if run.config.get("lora"):  # parent + adapter
+        return adapters.adapter_file(run) is not None or not require_weights
+    if "model" not in run.config:
         return False
     return run.has_weights() or not require_weights
 
@@ -117,15 +121,19 @@ def save_model_run(run_id: str, model: GPT, tokenizer) -> None:
     runs.save_tensors(path / "model.safetensors", model_tensors(model),
                       metadata={"format": "pt", "glassbox": "gpt"})
     if tokenizer is not None:
-        tokenizer.save(path / "tokenizer.json")
+        save_tokenizer(tokenizer, path / "tokenizer.json")
     config = runs.read_json(path / "config.json")
     config["model"] = model.config.to_dict()
     runs.write_json_atomic(path / "config.json", config)
 
 
 def load_model_run(run_id: str, device=None):
-    """(model, tokenizer, run config dict) of a run that holds a language model. Weights in fp32."""
+    """(model, tokenizer, run config dict) of a run that holds a language model. Weights in fp32.
+
+    A LoRA run holds only its adapter: it loads as its parent plus the adapter, merged."""
     run = runs.open_run(run_id)
+    if run.config.get("lora"):
+        return adapters.load_adapter_run(run_id, device=device)
     if "model" not in run.config:
         raise CorruptRunError(f"Run {run_id!r} holds no model (its config.json has no 'model').")
     try:
