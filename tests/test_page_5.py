@@ -14,6 +14,7 @@ from core.lab.models import save_model_run
 from core.gpt import classify as C
 from core.gpt.tokenizers import train_char
 from core.lab.models import model_tensors
+from core.lab.tokenizer_files import save_tokenizer
 from tests.page_helpers import all_text, run_page
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "5_Classification.py")
@@ -42,7 +43,7 @@ def make_finished_classifier(run_id, tokenizer, random_init=False, test_accuracy
             "trainable_parameters": 4000, "parameters": 9000}
     run = runs.create_run(run_id, "classify", {"model": config.to_dict(), "classifier": info}, parent="base")
     runs.save_tensors(run.path / "model.safetensors", model_tensors(model))
-    tokenizer.save(run.path / "tokenizer.json")
+    save_tokenizer(tokenizer, run.path / "tokenizer.json")
     for step in (10, 20):
         runs.append_jsonl(run.path / "metrics.jsonl", {
             "step": step, "train_loss": 0.7 - step / 100, "val_loss": 0.65 - step / 100,

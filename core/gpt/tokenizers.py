@@ -444,13 +444,3 @@ def compression_curve(tokenizer: BPETokenizer, text: str, sizes: Iterable[int]) 
             ids = tokenizer.truncated(size).encode(text)
             rows.append({"vocab_size": size, "tokens": len(ids), "chars_per_token": chars_per_token(text, ids)})
     return rows
-
-
-# ---- TRANSITIONAL (H3): files now live in core/lab/tokenizer_files.py. This bridge keeps
-# tests/test_page_5.py (tokenizer.save) working until it calls save_tokenizer; then it is deleted.
-def _save(self, path):
-    from core.lab.tokenizer_files import save_tokenizer  # TRANSITIONAL bridge, see above
-    return save_tokenizer(self, path)
-
-
-Tokenizer.save = _save  # TRANSITIONAL bridge: use core.lab.tokenizer_files.save_tokenizer
