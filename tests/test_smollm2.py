@@ -94,7 +94,8 @@ def test_token_ids_and_chat_prompt_match_the_loaders_tokenizer(smol):
                 {"role": "user", "content": "Say 42."}]
     prompt = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    assert ours.encode(prompt) == theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    theirs_ids = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert ours.encode(prompt) == list(theirs_ids["input_ids"])
 
 
 @needs_smollm2
