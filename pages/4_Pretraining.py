@@ -15,6 +15,7 @@ from pages._ui import (escape, page_header, remembered_run, run_ids_with_pending
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
 from pages._ui.history import history_panel
+from pages._ui.microscope import microscope_panel
 from pages._ui.live import live_panel
 
 PAGE_KEY = "pretrain_run"
@@ -164,6 +165,7 @@ st.subheader("Travel back in time")
 st.caption("Snapshots of the weights at steps 0, 10, 30, 100, 300, … and the last: pick one to see what the "
            "model knew then. Digits, vowels and capitals drift together on the map as it learns.")
 history_panel(shown, key="pt_history")
+microscope_panel(shown, key="pt_scope", default_prompt="ROMEO:")
 
 # ---------------------------------------------------------------------------- 3. compare runs
 st.header("3 · Compare runs")

@@ -22,6 +22,7 @@ import torch
 
 from core.gpt.errors import GlassBoxError
 from core.lab import bench
+from core.lab.bench_microscope import bench_microscope
 from core.lab.cli import option
 from core.lab.device import configure_threads, describe, pick_device
 
@@ -38,6 +39,8 @@ PIECES = {
     "first_point": ("first_point_s",),
     "time_to_val_loss": ("time_to_val_loss_s",),
     "history": ("history_redraw_small_s", "history_redraw_base_s"),
+    "microscope": ("microscope_step_base_s", "microscope_surprise_base_s", "microscope_lens_base_s",
+                   "microscope_step_124m_s", "microscope_surprise_124m_s", "microscope_lens_124m_s"),
 }
 DEFAULT_PIECES = [p for p in PIECES if p != "time_to_val_loss"]
 
@@ -51,11 +54,18 @@ TARGETS = {
     "time_to_val_loss_s": ("≤ 75 s", lambda v: v <= 75),
     "history_redraw_small_s": ("≤ 1 s", lambda v: v <= 1),
     "history_redraw_base_s": ("≤ 1 s", lambda v: v <= 1),
+    "microscope_step_base_s": ("≤ 0.3 s", lambda v: v <= 0.3),
+    "microscope_surprise_base_s": ("≤ 1 s", lambda v: v <= 1),
+    "microscope_lens_base_s": ("≤ 1 s", lambda v: v <= 1),
+    "microscope_step_124m_s": ("≤ 3 s", lambda v: v <= 3),
+    "microscope_surprise_124m_s": ("≤ 3 s", lambda v: v <= 3),
+    "microscope_lens_124m_s": ("≤ 3 s", lambda v: v <= 3),
 }
 BUSY_SHARE = 0.85  # below this share of CPU time, the machine was busy during the measurement
 UNITS = {"matmul_gflops": "GFLOP/s", "tokens_per_s_tiny": "tok/s", "tokens_per_s_small": "tok/s",
          "kv_cache_speedup": "×", "fast_vs_teaching": "×", "bpe_train_s": "s", "first_point_s": "s",
-         "time_to_val_loss_s": "s", "history_redraw_small_s": "s", "history_redraw_base_s": "s"}
+         "time_to_val_loss_s": "s", "history_redraw_small_s": "s", "history_redraw_base_s": "s",
+         **{key: "s" for key in PIECES["microscope"]}}
 
 
 @dataclass
@@ -183,6 +193,12 @@ def run(args: Settings, progress=None) -> dict:
         elif piece == "history":
             figures = bench.history_redraw_s(rounds=1 if quick else 3)
             result.update({k: v for k, v in figures.items() if not k.endswith("_cpu_s")})
+        elif piece == "microscope":
+            figures = bench_microscope(quick=quick)
+            for name, shape in (("base", "base"), ("gpt2-124m", "124m")):
+                for view, key in (("step_s", "step"), ("surprise_s", "surprise"), ("lens_s", "lens")):
+                    if name in figures:
+                        result[f"microscope_{key}_{shape}_s"] = figures[name][view]
         elif piece == "time_to_val_loss":
             extra = ("--steps", "20", "--eval-every", "10") if quick else ()
             figures = bench.time_to_val_loss(extra_args=extra)

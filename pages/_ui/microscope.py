@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.gpt.errors import GlassBoxError
-from core.lab import runs
+from core.lab import models, runs
 from core.stages import generate, lens, surprise
 from pages._ui import show_error
 from pages._ui.code import code_behind
@@ -358,6 +358,17 @@ def lens_view(run_id: str, key: str, default_text: str = DEFAULT_TEXT) -> None:
 # ---------------------------------------------------------------------------- the panel
 
 
+def _weights_pending(run_id: str) -> bool:
+    """A language-model run still training towards its first saved weights (nothing to open yet)."""
+    if not (runs.run_dir(run_id) / "config.json").is_file():
+        return True  # a job still starting or queued
+    try:
+        run = runs.open_run(run_id)
+    except GlassBoxError:
+        return False  # the views below say what is wrong with it
+    return run.stage in models.LANGUAGE_MODEL_STAGES and not models.is_language_model_run(run)
+
+
 def microscope_panel(run_id: str | None, key: str, default_prompt: str = DEFAULT_TEXT,
                      template: str | None = None, default_text: str | None = None) -> None:
     """The three views of one run, in tabs. `template` overrides the run's own prompt template
@@ -365,6 +376,9 @@ def microscope_panel(run_id: str | None, key: str, default_prompt: str = DEFAULT
     st.subheader("🔬 The microscope: watch the model decide")
     if not run_id:
         st.info("Choose a run that holds a language model to look inside it.")
+        return
+    if _weights_pending(run_id):
+        st.info("The microscope opens this run once it has saved weights (at its first checkpoint).", icon="⏳")
         return
     step_tab, surprise_tab, lens_tab = st.tabs(["Next token, step by step", "Surprise (per-token loss)",
                                                 "Logit lens"])
