@@ -7,7 +7,7 @@ import streamlit as st
 
 from core.stages import classify as stage
 from core.stages.classify import CODE, GlassBoxError
-from pages._ui import escape, page_header, remembered_run, run_name_input, show_error
+from pages._ui import escape, page_header, remembered_run, run_name_input, show_error, start_stage_job
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
 from pages._ui.live import live_panel
@@ -75,16 +75,9 @@ else:
         targets = l3.multiselect("LoRA matrices", list(stage.LORA_TARGETS), default=list(stage.LORA_TARGETS))
         go_ = st.form_submit_button("Start fine-tuning", type="primary")
     if go_:
-        try:
-            stage.start(stage.page_settings(start_run, init == "random", freeze, budget, amount, batch, lr,
-                                            max_length, run_id, st.session_state.classify_rank, alpha,
-                                            targets), run_id)
-        except GlassBoxError as e:
-            show_error(e)
-        else:
-            st.session_state[PAGE_KEY] = run_id
-            del st.session_state["classify_run_name"]  # a fresh name for the next run
-            st.rerun()
+        start_stage_job(stage, lambda: stage.page_settings(
+            start_run, init == "random", freeze, budget, amount, batch, lr, max_length, run_id,
+            st.session_state.classify_rank, alpha, targets), run_id, PAGE_KEY, "classify_run_name")
 
 # ---------------------------------------------------------------------------- 3. watch it learn
 default = remembered_run(PAGE_KEY, ("classify",), "classify")

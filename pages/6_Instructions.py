@@ -11,7 +11,7 @@ import streamlit as st
 
 from core.stages import instruct as stage
 from core.stages.instruct import CODE, GlassBoxError
-from pages._ui import escape, page_header, remembered_run, run_name_input, run_picker, show_error
+from pages._ui import escape, page_header, remembered_run, run_name_input, run_picker, show_error, start_stage_job
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
 from pages._ui.history import history_panel
@@ -83,15 +83,9 @@ else:
         alpha = l3.number_input("LoRA alpha", 0.5, 512.0, 8.0)
         go_ = st.form_submit_button("Start tuning", type="primary")
     if go_:
-        try:
-            stage.start(stage.page_settings(start_run, minutes, lr, batch, mask_prompt, eval_limit, run_id,
-                                            learns, st.session_state.instruct_rank, alpha), run_id)
-        except GlassBoxError as e:
-            show_error(e)
-        else:
-            st.session_state[PAGE_KEY] = run_id
-            del st.session_state["instruct_run_name"]  # a fresh name for the next run
-            st.rerun()
+        start_stage_job(stage, lambda: stage.page_settings(
+            start_run, minutes, lr, batch, mask_prompt, eval_limit, run_id, learns,
+            st.session_state.instruct_rank, alpha), run_id, PAGE_KEY, "instruct_run_name")
 
 # ---------------------------------------------------------------------------- 3. watching
 default = remembered_run(PAGE_KEY, ("instruct",), "instruct")

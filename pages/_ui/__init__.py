@@ -122,6 +122,20 @@ def start_job(argv: list[str], run_id: str, env: dict | None = None) -> bool:
     return True
 
 
+def start_stage_job(stage, make_settings, run_id: str, page_key: str, name_key: str) -> None:
+    """Start a stage's background job from a button: `make_settings()` builds its Settings (a
+    refusal of either is shown as a message); the page remembers the run, the next run gets a
+    fresh default name, and the page reruns to show the job."""
+    try:
+        stage.start(make_settings(), run_id)
+    except GlassBoxError as e:
+        show_error(e)
+        return
+    st.session_state[page_key] = run_id
+    st.session_state.pop(name_key, None)  # a fresh name for the next run
+    st.rerun()
+
+
 STATE_ICONS = {"queued": "⏳", "reserved": "⏳", "running": "🏃", "stopping": "✋", "stopped": "⏸️",
                "finished": "✅", "failed": "❌", "unknown": "❔"}
 
