@@ -163,6 +163,16 @@ def plotly_points(page, key: str | None = None) -> int:
     return chart.evaluate(_PLOTLY_POINTS_JS)
 
 
+def plotly_points_in(chart) -> int:
+    """Points, bars or bins (a heatmap: its rows) of one located `.js-plotly-plot` chart."""
+    return chart.evaluate(_PLOTLY_POINTS_JS)
+
+
+def plotly_chart_with(page, text: str):
+    """The first plotly chart whose drawing contains `text` (an axis title, a legend entry)."""
+    return page.locator(".js-plotly-plot").filter(has_text=text).first
+
+
 def wait_for_more_points(page, key: str, than: int, timeout: float) -> int:
     """Wait until the plotly chart with `key` draws more than `than` points; return how many."""
     page.wait_for_function(
