@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     runs.started_from_command_line()
     try:
+        return _main(argv)
+    finally:
+        runs.started_from_command_line(False)
+
+
+def _main(argv: list[str]) -> int:
+    try:
         result = run_command(argv)
         runs.finish_runs_started_here(stopped=bool(result.get("stopped")))
     except _ArgumentError as e:

@@ -175,7 +175,7 @@ if ask:
         code_behind(*CODE["message"])
 
 # ---------------------------------------------------------------------------- 6. side by side
-finished = [r.id for r in stage.classifier_runs() if stage.results(r.id) is not None]
+finished = [r.id for r in stage.classifier_runs() if stage.readable_results(r.id)]
 st.header("6 · Side by side: what does pre-training buy?")
 st.caption("With **head** only learning pre-trained features beat random ones clearly; with **all** both do well.")
 if len(finished) < 2:

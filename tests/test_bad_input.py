@@ -36,6 +36,7 @@ from core.gpt.errors import GlassBoxError, ModelConfigError, TokenizerError, Tra
 from core.lab.errors import DataError, JudgeError, RunError
 from core.gpt import classify as C
 from core.gpt import instruct as I
+from core.stages import instruct as instruct_stage
 from core.stages import classify as S5
 from core.gpt.pretrain import LanguageModelTask
 
@@ -382,7 +383,7 @@ def test_page_6_model_and_data_text_is_escaped():
                 "tuned_response": f"ok {x}", "base_follows_format": False, "tuned_follows_format": True,
                 "base_problems": [x], "tuned_problems": []} for x in XSS]
     run = runs.create_run("evil", "instruct", {})
-    runs.write_json_atomic(run.path / I.RESPONSES_FILE, records)
+    runs.write_json_atomic(run.path / instruct_stage.RESPONSES_FILE, records)
     runs.write_json_atomic(run.path / I.FORMAT_RATES_FILE,
                            {"start": 0.0, "tuned": 1.0, "n": 2, "max_new_tokens": 8})
     runs.write_status("evil", "finished")
@@ -439,4 +440,4 @@ def test_no_page_turns_off_escaping_without_escaping_itself():
             if re.search(r"unsafe_allow_html\s*=\s*True|st\.html\(|components\.html\(", line):
                 found.setdefault(path.name, 0)
                 found[path.name] += 1
-    assert set(found) <= {"1_Tokenisation.py", "6_Instructions.py"}, found
+    assert set(found) <= {"1_Tokenisation.py", "6_Instructions.py", "8_Chat.py"}, found

@@ -293,11 +293,11 @@ def _record_command_line_run(run_id: str) -> None:
         STARTED_IN_THIS_PROCESS.append(run_id)
 
 
-def started_from_command_line() -> None:
-    """`python -m core` calls this first: the runs it creates outside a job record its pid, and
-    `finish_runs_started_here` records how the command ended."""
+def started_from_command_line(on: bool = True) -> None:
+    """`python -m core` calls this first (and with False when it returns): the runs it creates
+    outside a job record its pid, and `finish_runs_started_here` records how the command ended."""
     global _command_line
-    _command_line = True
+    _command_line = on
 
 
 @contextmanager

@@ -475,7 +475,10 @@ def run_info(run_id: str) -> dict | None:
 
 def curves(run_id: str) -> tuple[list[dict], int | None]:
     """(metrics rows, step of the weights kept so far or at the end)."""
-    done = results(run_id)
+    try:
+        done = results(run_id)
+    except GlassBoxError:
+        done = None  # a damaged results file: the page says so below; the curves still draw
     path = runs.run_dir(run_id) / BEST_INFO_FILE
     step = done.get("weights_step") if done else (runs.read_json(path)["step"] if path.is_file() else None)
     return runs.read_jsonl(runs.run_dir(run_id) / "metrics.jsonl"), step
@@ -576,3 +579,11 @@ CODE = {
     "results": (C.evaluate_split, C.confusion_matrix),
     "message": (C.classify_ids, C.classify_logits),
 }
+
+
+def readable_results(run_id: str) -> bool:
+    """True when the run has results that can be read (a damaged file is skipped, not raised)."""
+    try:
+        return results(run_id) is not None
+    except GlassBoxError:
+        return False

@@ -317,7 +317,10 @@ def instruct_runs() -> list[str]:
 def curves(run_id: str) -> tuple[list[dict], list[dict], int | None]:
     """(metrics, samples, step of the weights kept so far or at the end) of an instruction run."""
     path = runs.run_dir(run_id)
-    rates = read_format_rates(run_id)
+    try:
+        rates = read_format_rates(run_id)
+    except GlassBoxError:
+        rates = None  # a damaged file: the page says so below; the curves still draw
     best = path / "best.json"
     step = rates.get("weights_step") if rates else (runs.read_json(best)["step"] if best.is_file() else None)
     return runs.read_jsonl(path / "metrics.jsonl"), runs.read_jsonl(path / "samples.jsonl"), step
