@@ -384,7 +384,7 @@ def test_page_6_model_and_data_text_is_escaped():
                 "base_problems": [x], "tuned_problems": []} for x in XSS]
     run = runs.create_run("evil", "instruct", {})
     runs.write_json_atomic(run.path / instruct_stage.RESPONSES_FILE, records)
-    runs.write_json_atomic(run.path / I.FORMAT_RATES_FILE,
+    runs.write_json_atomic(run.path / instruct_stage.FORMAT_RATES_FILE,
                            {"start": 0.0, "tuned": 1.0, "n": 2, "max_new_tokens": 8})
     runs.write_status("evil", "finished")
     at = page("6_Instructions.py")
