@@ -63,3 +63,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("shared data folder not present")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a loaded 2-core machine: one thread (what generation_threads does for them)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

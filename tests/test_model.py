@@ -12,13 +12,7 @@ from core.gpt.model import GPT, PRESETS, GPTConfig, count_parameters, filtered_p
 from core.lab.models import generation_threads, load_model_run, save_model_run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a loaded 2-core machine: one thread (what generation_threads does for them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**overrides) -> GPTConfig:

@@ -41,13 +41,7 @@ def ids(batch=2, length=10, vocab=61, seed=1):
 MODERN = dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, ffn_hidden=48, bias=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a loaded 2-core machine: one thread (what generation_threads does for them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 COMBINATIONS = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"],
