@@ -261,10 +261,27 @@ def act_until(action, effect, attempts: int = 3, timeout: float = 20_000) -> Non
                 raise
 
 
-def choose(page, label: str, option: str) -> None:
-    """Pick `option` in the selectbox labelled `label`."""
-    page.get_by_role("combobox", name=label, exact=True).click()
-    page.get_by_role("option", name=option, exact=True).click()
+def choose(page, label: str, option: str, attempts: int = 4) -> None:
+    """Pick `option` in the selectbox labelled `label`, then wait for the rerun it causes.
+
+    A fragment rerun (the sidebar's job list) can redraw an open dropdown while Playwright waits
+    for the option to be stable, on a loaded machine again and again: so each try is short, the
+    dropdown is closed and opened again, and the choice is checked on the page afterwards.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.get_by_role("combobox", name=label, exact=True)
+    for _ in range(attempts):
+        try:
+            box.click(timeout=15_000)
+            page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+            continue
+        wait_for_app(page)
+        if option in (box.evaluate("e => e.value || e.innerText") or ""):
+            return
+    raise AssertionError(f"could not choose {option!r} in {label!r} after {attempts} tries")
 
 
 def set_number(page, label: str, value) -> None:

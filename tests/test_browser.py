@@ -473,7 +473,7 @@ def test_first_visit_without_data_never_blocks(browser, tmp_path):
     page.set_default_timeout(60_000)
     # What each page must offer a newcomer: the built-in corpus, or a clear next step.
     next_steps = {
-        "Home": "python-docs",
+        "Home": "corpus always works",             # (its name is also in the hidden table of sources)
         STAGES[0]: "Trained:",                     # the built-in corpus just works
         STAGES[1]: "train a model on stage 4",
         STAGES[2]: "Parameters",
@@ -489,7 +489,7 @@ def test_first_visit_without_data_never_blocks(browser, tmp_path):
             go_to(page, label)
             try:
                 assert_no_exception(page)
-                expect(page.locator('[data-testid="stMain"]').get_by_text(hint).first).to_be_visible(timeout=30_000)
+                expect(page.locator('[data-testid="stMain"]').get_by_text(hint).filter(visible=True).first).to_be_visible(timeout=30_000)
             except AssertionError as error:
                 failures.append(f"{label}: {str(error).splitlines()[0]}")
         assert not failures, "\n".join(failures)

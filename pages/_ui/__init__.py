@@ -201,7 +201,6 @@ def remembered_run(page_key: str, stages: tuple[str, ...], command: str) -> str 
     return found[0].id if found else None
 
 
-@st.fragment(run_every=2)
 def _job_sidebar_body() -> None:
     # Always exactly one element, so a finished job's line can never linger under a new text.
     lines = []
@@ -220,4 +219,6 @@ def configure_app_threads() -> None:
 def job_sidebar() -> None:
     with st.sidebar:
         st.subheader("Jobs")
-        _job_sidebar_body()
+        # Every 2 s while a job runs; when none does, every 15 s is enough to notice one started
+        # from a terminal, and a classroom of idle tabs does not rerun the server 30 times a minute.
+        st.fragment(run_every=2 if jobs.active_jobs() else 15)(_job_sidebar_body)()
