@@ -58,6 +58,9 @@ def start_server(workdir: Path, extra_env: dict | None = None, port: int | None 
         "GLASSBOX_CHECKPOINTS_DIR": str(workdir / "checkpoints"),
         "GLASSBOX_DOWNLOADS_DIR": str(workdir / "data"),
         "PYTHONUNBUFFERED": "1",
+        # Jobs train on one thread here, so the app and Chromium keep a core of a 2-core machine:
+        # these tests are about what a person sees, not about training speed.
+        "GLASSBOX_THREADS": "1",
     })
     env.update(extra_env or {})
     log = workdir / f"streamlit-{port}.log"
@@ -158,9 +161,13 @@ _PLOTLY_POINTS_JS = """el => (el.calcdata || []).reduce((n, cd) => {
 
 
 def plotly_points(page, key: str | None = None) -> int:
-    """How many points, bars or bins the plotly chart (by widget key, else the first) draws, all traces."""
-    chart = (element(page, key) if key else page).locator(".js-plotly-plot").first
-    return chart.evaluate(_PLOTLY_POINTS_JS)
+    """How many points, bars or bins the plotly chart (by widget key, else the first) draws, all traces.
+    (By key: the most of its copies on the page; see wait_for_more_points.)"""
+    if key is None:
+        return page.locator(".js-plotly-plot").first.evaluate(_PLOTLY_POINTS_JS)
+    charts = element(page, key).locator(".js-plotly-plot")
+    charts.first.wait_for()
+    return charts.evaluate_all(f"els => Math.max(...els.map({_PLOTLY_POINTS_JS}))")
 
 
 def plotly_points_in(chart) -> int:
@@ -174,11 +181,17 @@ def plotly_chart_with(page, text: str):
 
 
 def wait_for_more_points(page, key: str, than: int, timeout: float) -> int:
-    """Wait until the plotly chart with `key` draws more than `than` points; return how many."""
-    page.wait_for_function(
-        f"""n => {{ const el = document.querySelector('.st-key-{key} .js-plotly-plot');
-                   return el && ({_PLOTLY_POINTS_JS})(el) > n; }}""", arg=than, timeout=timeout)
-    return plotly_points(page, key)
+    """Wait until the plotly chart with `key` draws more than `than` points; return how many.
+
+    The count returned is the one the wait saw: right after a page comes back, Streamlit can keep
+    the previous run's chart beside the new one for a moment, and reading "the first chart" again
+    could read the other one."""
+    found = page.wait_for_function(
+        f"""n => {{ const counts = [...document.querySelectorAll('.st-key-{key} .js-plotly-plot')]
+                       .map(el => ({_PLOTLY_POINTS_JS})(el));
+                   const most = Math.max(-1, ...counts);
+                   return most > n ? most : false; }}""", arg=than, timeout=timeout)
+    return int(found.json_value())
 
 
 def vega_chart(page, text: str | None = None):
@@ -262,26 +275,34 @@ def act_until(action, effect, attempts: int = 3, timeout: float = 20_000) -> Non
 
 
 def choose(page, label: str, option: str, attempts: int = 4) -> None:
-    """Pick `option` in the selectbox labelled `label`, then wait for the rerun it causes.
+    """Pick `option` in the selectbox labelled `label`, as a person with a keyboard would: open it,
+    type the option, press Enter; then check what the box shows once focus has left it.
 
-    A fragment rerun (the sidebar's job list) can redraw an open dropdown while Playwright waits
-    for the option to be stable, on a loaded machine again and again: so each try is short, the
-    dropdown is closed and opened again, and the choice is checked on the page afterwards.
+    Typing, not clicking the option: while a job runs, the sidebar's job list reruns every 2 s and
+    redraws an open dropdown, and a click waits for an option that keeps being replaced (measured:
+    36 s for one choice on a busy page, and once a 60 s timeout in CI).
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     box = page.get_by_role("combobox", name=label, exact=True)
-    for _ in range(attempts):
+    shown = ""
+    for attempt in range(attempts):
         try:
             box.click(timeout=15_000)
-            page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+            if attempt % 2 == 0:
+                box.press_sequentially(option)
+                box.press("Enter")
+            else:  # a box that cannot be typed into: click the option itself
+                page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+            box.press("Tab")  # focus leaves: the box shows its selected option again, not typed text
         except PlaywrightTimeout:
             page.keyboard.press("Escape")
             continue
         wait_for_app(page)
-        if option in (box.evaluate("e => e.value || e.innerText") or ""):
+        shown = box.evaluate("e => e.value || e.innerText") or ""
+        if shown.strip() == option:
             return
-    raise AssertionError(f"could not choose {option!r} in {label!r} after {attempts} tries")
+    raise AssertionError(f"could not choose {option!r} in {label!r} after {attempts} tries (it shows {shown!r})")
 
 
 def set_number(page, label: str, value) -> None:
