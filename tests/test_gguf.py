@@ -3,6 +3,8 @@ transformers' own GGUF loader, computes the run's logits (<= 1e-4), for GPT-2- a
 runs with their byte-level BPE tokenizers. Bad files and runs that cannot be exported get clear
 messages, and nothing is saved half-way."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,36 @@ from core.lab.models import load_model_run, save_model_run  # noqa: E402
 from core.lab.tokenizer_files import ByteLevelBPE, _gpt2_files, gpt2_tokenizer  # noqa: E402
 
 TEXT = "the cat sat on the mat. the dog ate the hat! 12 cats, 3 dogs; naïve café. " * 30
+
+
+@contextlib.contextmanager
+def one_gguf_reader_per_file():
+    """While transformers loads a GGUF file: one `gguf.GGUFReader` per file, and one tensor-name map
+    per (architecture, blocks), made once and handed out again.
+
+    transformers 5.23's loader opens the file three times for one model (twice for its config) and
+    builds gguf's name map once per module (397 times for SmolLM2): 45 s of a 65 s fixture here.
+    The objects are read-only, so what it loads is the same; only the waiting goes.
+    """
+    readers, maps = {}, {}
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = real_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 def hf_from_gguf(path):

@@ -15,7 +15,7 @@ from core.__main__ import run_command  # noqa: E402
 from core.gpt.errors import GlassBoxError  # noqa: E402
 from core.lab import gguf as G  # noqa: E402
 from core.lab import models, runs  # noqa: E402
-from tests.test_gguf import hf_from_gguf, hf_tokenizer_from_gguf  # noqa: E402
+from tests.test_gguf import hf_from_gguf, hf_tokenizer_from_gguf, one_gguf_reader_per_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,10 @@ def smol(tmp_path_factory):
         mp.setenv("GLASSBOX_CHECKPOINTS_DIR", str(checkpoints))
         result = run_command(["import", "--from", "smollm2-135m-instruct"])
         model, tokenizer, config = models.load_model_run(result["run_id"])
+    with one_gguf_reader_per_file():
+        hf, hf_tokenizer = hf_from_gguf(SMOLLM2), hf_tokenizer_from_gguf(SMOLLM2)
     return {"result": result, "checkpoints": checkpoints, "model": model, "tokenizer": tokenizer,
-            "config": config, "hf": hf_from_gguf(SMOLLM2), "hf_tokenizer": hf_tokenizer_from_gguf(SMOLLM2)}
+            "config": config, "hf": hf, "hf_tokenizer": hf_tokenizer}
 
 
 @needs_smollm2
