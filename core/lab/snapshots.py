@@ -24,7 +24,7 @@ from core.gpt.model import GPT, GPTConfig
 from core.gpt.tokenizers import visible
 from core.lab import runs
 from core.lab.errors import CorruptRunError
-from core.lab.models import generation_threads, load_model_weights, model_tensors
+from core.lab.models import generation_threads, load_model_weights, model_for_weights, model_tensors
 from core.lab.tokenizer_files import load_tokenizer
 
 FOLDER = "snapshots"
@@ -173,15 +173,16 @@ def run_history(run_id: str) -> dict:
 
 def _model_at(run: runs.Run, step: int | None) -> tuple[GPT, int | None]:
     """The run's model with the weights of snapshot `step` (None: the run's final weights)."""
-    model = GPT(GPTConfig.from_dict(run.config["model"]))
+    config = GPTConfig.from_dict(run.config["model"])
     if step is None:
         path, source = run.path / "model.safetensors", "model.safetensors"
-        tensors = runs.load_tensors(path)
     else:
         snap = next((s for s in list_snapshots(run.path) if s.step == step), None)
         if snap is None:
             raise CorruptRunError(f"The snapshot of step {step} ({run.path / FOLDER / file_name(step)}) is missing.")
-        tensors, source = load_snapshot(snap), str(snap.path)
+        path, source = snap.path, str(snap.path)
+    model = model_for_weights(config, path, source)  # the header is checked before the model is built
+    tensors = runs.load_tensors(path) if step is None else load_snapshot(snap)
     load_model_weights(model, tensors, source=source)
     return model.eval(), step
 

@@ -36,6 +36,22 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 TOKENIZER_FILE = "tokenizer.json"
 
+# The split patterns (tiktoken syntax) a tokeniser may use. GPT-2's, as Hugging Face's ByteLevel
+# pre-tokenizer writes it (GGUF files say "gpt-2"):
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# 'smollm' (SmolLM2, StarCoder): every digit is a piece of its own, then GPT-2's pattern inside the
+# rest. One pattern does both: a digit matches alone, and a run of spaces before a digit ends there
+# (the lookahead treats a digit like the end of the text, as the two-step split does).
+SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+# A tokenizer.json names one of these and nothing else: a pattern read from a file is code run on
+# every text, and a planted one with nested quantifiers backtracks for minutes on one line.
+KNOWN_SPLIT_PATTERNS = {tok.GPT2_SPLIT_PATTERN: "GPT-2 (tiktoken)", GPT2_PATTERN: "GPT-2 (Hugging Face)",
+                        SMOLLM_PATTERN: "SmolLM2"}
+# Longest token a BPE file may build, and most bytes all its tokens together: merges whose tokens
+# double in length reach 1 MiB in 20 merges (GPT-2's longest token is 128 bytes).
+MAX_TOKEN_BYTES = 1024
+MAX_VOCABULARY_BYTES = 64 * 2**20
+
 
 # ---------------------------------------------------------------------------- byte-level BPE by tiktoken
 
@@ -149,6 +165,9 @@ def _bytelevel_from_dict(d: dict) -> ByteLevelBPE:
         raise TokenizerError("The 'ranks' of a byte-level BPE file list the same bytes twice.")
     if not isinstance(d["pattern"], str) or not isinstance(d.get("name", ""), str):
         raise TokenizerError("The 'pattern' and 'name' of a byte-level BPE file must be text.")
+    _check_pattern(d["pattern"])
+    if any(len(b) > MAX_TOKEN_BYTES for b in ranks):
+        raise TokenizerError(f"A token of this byte-level BPE file is longer than {MAX_TOKEN_BYTES} bytes.")
     return ByteLevelBPE(d.get("name", "bytelevel"), d["pattern"], ranks, d["special_tokens"],
                         d.get("eot_token", tok.ENDOFTEXT))
 
@@ -226,7 +245,29 @@ def _bpe_from_dict(d: dict) -> tok.BPETokenizer:
     pattern = d.get("pattern", tok.GPT2_SPLIT_PATTERN)
     if not isinstance(pattern, str):
         raise TokenizerError("The 'pattern' of a BPE tokeniser file must be text.")
+    _check_pattern(pattern)
+    _check_merge_lengths(merges)
     return tok.BPETokenizer([tuple(m) for m in merges], pattern)
+
+
+def _check_pattern(pattern: str) -> None:
+    if pattern not in KNOWN_SPLIT_PATTERNS:
+        raise TokenizerError("The tokeniser file's split pattern is not one this app knows ("
+                             + ", ".join(KNOWN_SPLIT_PATTERNS.values()) + "): it is refused, not run.")
+
+
+def _check_merge_lengths(merges: list) -> None:
+    """Token lengths the merges would build, counted before any bytes are joined."""
+    lengths, total = [1] * 256, 256
+    for a, b in merges:
+        if not (0 <= a < len(lengths) and 0 <= b < len(lengths)):
+            return  # the textbook's BPETokenizer names this merge
+        n = lengths[a] + lengths[b]
+        total += n
+        if n > MAX_TOKEN_BYTES or total > MAX_VOCABULARY_BYTES:
+            raise TokenizerError(f"The tokeniser file's merge {len(lengths) - 256} builds a token of {n:,} bytes "
+                                 f"(at most {MAX_TOKEN_BYTES:,}; {total:,} bytes in all): it is refused.")
+        lengths.append(n)
 
 
 def tokenizer_from_dict(d) -> tok.Tokenizer:
