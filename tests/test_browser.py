@@ -233,6 +233,19 @@ def walk_the_seven_stages(server, judge, page, shots, workdir):
     first_step = int(metric_value(page, "step").replace(",", ""))
     lap("stage 4: first point")
 
+    # The time slider, dragged while the job trains: back to step 0 and the untrained model's text.
+    slider = page.get_by_role("slider", name="Training step")
+    expect(slider).to_be_attached(timeout=JOB_WAIT)  # once two snapshots (steps 0 and 10) exist
+    slider.scroll_into_view_if_needed()
+    slider.focus()
+    slider.press("Home")
+    expect(page.get_by_text("Sample at step 0:")).to_be_visible()
+    assert jobs_running(workdir), "the job had already finished: the slider was not dragged during training"
+    assert_no_exception(page)
+    bring_to_top(page.get_by_role("heading", name="Travel back in time"))
+    screenshot(page, "history", shots)
+    lap("stage 4: the time slider while training")
+
     go_to(page, "Home")  # away, while the job runs: the sidebar still shows it
     expect(page.locator('[data-testid="stSidebarUserContent"]').get_by_text("pretrain ·")).to_be_visible()
     go_to(page, STAGES[3])  # and back: the page finds its job again
@@ -331,6 +344,17 @@ def walk_the_seven_stages(server, judge, page, shots, workdir):
     print("\nbrowser walk-through, seconds per step:", json.dumps(timings))
     assert horizontal_overflow(page) <= 0
     assert not problems, "\n".join(problems)
+
+
+def jobs_running(workdir) -> bool:
+    """Whether a job in the server's checkpoints folder is still running (its status file says so)."""
+    for status in (workdir / "checkpoints").glob("*/status.json"):
+        try:
+            if json.loads(status.read_text()).get("state") == "running":
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
 
 
 # ------------------------------------------------------------------------------ two students
