@@ -706,37 +706,23 @@ def test_an_endpoint_that_never_answers_is_given_up_on(monkeypatch, tmp_path, ru
 def test_stage_7_end_to_end_against_our_own_serve(tmp_path):
     """`python -m core serve`'s app on loopback, a tiny random model: its JSON-schema decoding gives
     replies the judge can read (the rubric's enums keep 1-5 and 0-100 in range)."""
-    import threading
-
     import torch
-    import uvicorn
 
     from core.gpt import tokenizers as tok
     from core.gpt.config import GPTConfig
     from core.gpt.model import GPT
     from core.lab import serve
     from core.lab.tokenizer_files import ByteLevelBPE
+    from tests.serve_harness import serving
 
     shared = Path(os.environ["GLASSBOX_DATA_DIR"].split(os.pathsep)[0])
     tokenizer = ByteLevelBPE.from_bpe(tok.train_bpe((shared / "the-verdict.txt").read_text(encoding="utf-8"), 300))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=4096, n_embd=32, n_head=2, n_layer=2))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(serve.create_app(serve.Engine("tiny", model.eval(), tokenizer)),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/v1"
+    with serving(serve.create_app(serve.Engine("tiny", model.eval(), tokenizer))) as url:
         assert C.test_connection(settings_for(url, model="tiny"))["ok"]
         result = S.judge_run("judge-serve", settings_for(url, model="tiny", timeout=120), data="eval-example-data",
                              limit=1, mode="single")
-    finally:
-        server.should_exit = True
-        thread.join(10)
     summary = S.read_summary("judge-serve")
     assert result["failed"] == 0 and result["judgements"] == 2 and summary["structured_output"] == "json_schema"
     for record in S.read_judgements("judge-serve"):

@@ -4,7 +4,6 @@ bearer token, one generation at a time, and the stage's command line."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,6 @@ import jsonschema
 import openai
 import pytest
 import torch
-import uvicorn
 
 from core.gpt import tokenizers as tok
 from core.gpt.config import GPTConfig
@@ -25,6 +23,7 @@ from core.gpt.model import GPT
 from core.lab import models, runs, serve
 from core.lab.tokenizer_files import ByteLevelBPE
 from core.stages import serve as serve_stage
+from tests.serve_harness import free_port, serving
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path((os.environ.get("GLASSBOX_DATA_DIR") or "").split(os.pathsep)[0] or REPO.parent / "shared" / "data")
@@ -33,12 +32,6 @@ HELLO = [{"role": "user", "content": "Say hello."}]
 SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
                                            "reason": {"type": "string", "maxLength": 24}},
           "required": ["score", "reason"], "additionalProperties": False}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +49,8 @@ def tiny_model(tokenizer) -> GPT:
 def server(tokenizer):
     """One server for the module, on a free loopback port, with a bearer token."""
     engine = serve.Engine("tiny", tiny_model(tokenizer), tokenizer)
-    port = free_port()
-    instance = uvicorn.Server(uvicorn.Config(serve.create_app(engine, api_key=KEY, max_body_bytes=50_000),
-                                             host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield {"engine": engine, "url": f"http://127.0.0.1:{port}/v1"}
-    instance.should_exit = True
-    thread.join(10)
+    with serving(serve.create_app(engine, api_key=KEY, max_body_bytes=50_000)) as url:
+        yield {"engine": engine, "url": url}
 
 
 @pytest.fixture

@@ -135,35 +135,16 @@ def test_digits_are_split_one_by_one(smol):
 def test_stage_7_judges_end_to_end_against_serve_with_smollm2(smol, monkeypatch):
     """The offline judge of docs/offline-judge.md: SmolLM2 behind our OpenAI-compatible server,
     stage 7's command against it, every reply parsed on the first try by constrained decoding."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     from core.lab import serve
     from core.stages import judge as judge_stage
+    from tests.serve_harness import serving
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
     monkeypatch.setenv("GLASSBOX_CHECKPOINTS_DIR", str(smol["checkpoints"]))
-    monkeypatch.setenv("GLASSBOX_JUDGE_ENDPOINTS", url)  # a loopback port the teacher allowed
-    engine = serve.Engine("smollm2", smol["model"], smol["tokenizer"])
-    server = uvicorn.Server(uvicorn.Config(serve.create_app(engine), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with serving(serve.create_app(serve.Engine("smollm2", smol["model"], smol["tokenizer"]))) as url:
+        monkeypatch.setenv("GLASSBOX_JUDGE_ENDPOINTS", url)  # a loopback port the teacher allowed
         result = run_command(["judge", "--data", "eval-example-data", "--limit", "1", "--mode", "single",
                               "--base-url", url, "--model", "smollm2", "--concurrency", "1",
                               "--timeout", "300", "--run-id", "judge-smollm2"])
-    finally:
-        server.should_exit = True
-        thread.join(10)
     summary = judge_stage.read_summary("judge-smollm2")
     assert result["failed"] == 0 and result["judgements"] == 2, result
     assert summary["structured_output"] == "json_schema" and summary["requests"] == 2  # no retry needed
