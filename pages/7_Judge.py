@@ -8,8 +8,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.stages import judge as stage
-from pages._ui import escape, job_controls, no_remote_images, page_header, remembered_run, show_error
+from pages._ui import escape, no_remote_images, page_header, remembered_run, show_error
 from pages._ui.code import code_behind
+from pages._ui.live import live_panel
 
 RUN_KEY = "judge_run"
 COLOURS = {0: "#7f7f7f", 1: "#1f77b4"}
@@ -114,17 +115,9 @@ if st.session_state.get("judge_show") not in judge_runs:
     st.session_state["judge_show"] = remembered if remembered in judge_runs else judge_runs[0]
 run_id = st.selectbox("Judge run", judge_runs, key="judge_show")
 
-
-@st.fragment(run_every=2)
-def job_panel(run_id: str) -> None:  # Stop / Resume; Resume passes a key only for that run's own URL
-    env = stage.resume_env(run_id, base_url, typed_key) if stage.has_config(run_id) else None
-    state = job_controls(run_id, key="judge", resume_env=env)
-    was_active, st.session_state["judge_was_active"] = st.session_state.get("judge_was_active"), bool(state and state.active)
-    if was_active and not (state and state.active):
-        st.rerun(scope="app")  # the job ended: redraw the page once so the results appear
-
-
-job_panel(run_id)
+# Stop / Resume, polled only while the job runs; Resume passes a key only for that run's own URL.
+live_panel(run_id, lambda _: None, key="judge", every=2,
+           resume_env=stage.resume_env(run_id, base_url, typed_key) if stage.has_config(run_id) else None)
 if not stage.has_config(run_id):
     st.info("The job is starting…")
     st.stop()

@@ -22,6 +22,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 PROJECTOR = {"width": 1280, "height": 720}
+SETTLE_MS = 200  # how long a page must hold still (not running, nothing stale) before a test acts
+SETTLE_TIMEOUT_MS = 3_000
+UNSETTLED: list[str] = []  # the page url of each wait that gave up on settling (reported at the end)
 
 
 def chromium_available() -> bool:
@@ -99,11 +102,15 @@ def kill_jobs(checkpoints: Path) -> None:
 
 
 def wait_for_app(page, timeout: float = 60_000) -> None:
-    """Wait until Streamlit has run the script at least once and is not running it now.
+    """Wait until Streamlit has run the script at least once and is not running it now, and the
+    page has settled: no element left over from the previous run, for a moment.
 
     The app root carries `data-test-script-state` ("initial" before the first run, then
     "running" / "notRunning"); before the first run the sidebar still lists the pages/ folder,
-    so waiting for the root element alone is not enough.
+    so waiting for the root element alone is not enough. Right after a click the state can still
+    read "notRunning" for the rerun that has not begun yet, while the old run's elements are on
+    screen beside the new ones (CI: two "Instructions to judge" boxes, a strict-mode error). So it
+    also waits until nothing is marked `data-stale` and the state has held for SETTLE_MS.
     """
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout)
     page.wait_for_function(
@@ -112,6 +119,22 @@ def wait_for_app(page, timeout: float = 60_000) -> None:
             return app && app.getAttribute('data-test-script-state') === 'notRunning'
                 && app.getAttribute('data-test-connection-state') === 'CONNECTED';
         }""", timeout=timeout)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.evaluate("() => { window.__glassboxSettledSince = null; }")
+    try:  # a page that polls fast may never hold still this long: then go on, as before
+        page.wait_for_function(
+            """(settleMs) => {
+                const app = document.querySelector('[data-testid="stApp"]');
+                const settled = app && app.getAttribute('data-test-script-state') === 'notRunning'
+                    && app.getAttribute('data-test-connection-state') === 'CONNECTED'
+                    && !document.querySelector('[data-stale="true"]');
+                if (!settled) { window.__glassboxSettledSince = null; return false; }
+                window.__glassboxSettledSince ??= performance.now();
+                return performance.now() - window.__glassboxSettledSince >= settleMs;
+            }""", arg=SETTLE_MS, polling=50, timeout=SETTLE_TIMEOUT_MS)
+    except PlaywrightTimeout:
+        UNSETTLED.append(page.url)
 
 
 def open_page(page, server_url: str, slug: str = "", timeout: float = 90_000) -> None:
@@ -307,7 +330,10 @@ def choose(page, label: str, option: str, attempts: int = 4) -> None:
 
 def set_number(page, label: str, value) -> None:
     """Type a value into a number (or text) input and commit it with Enter."""
+    from playwright.sync_api import expect
+
     box = page.get_by_label(label, exact=True)
+    expect(box).to_have_count(1, timeout=15_000)  # an old run's copy beside the new one is gone
     box.fill(str(value))
     box.press("Enter")
     wait_for_app(page)

@@ -74,3 +74,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How often a browser test's wait gave up on the page settling (tests/browser_harness.wait_for_app)."""
+    from tests import browser_harness
+
+    if browser_harness.UNSETTLED:
+        terminalreporter.write_line(f"browser: {len(browser_harness.UNSETTLED)} waits gave up settling after "
+                                    f"{browser_harness.SETTLE_TIMEOUT_MS} ms: {sorted(set(browser_harness.UNSETTLED))}")
