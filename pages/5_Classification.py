@@ -10,6 +10,7 @@ from core.stages.classify import CODE, GlassBoxError
 from pages._ui import escape, page_header, remembered_run, run_name_input, show_error, start_stage_job
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
+from pages._ui.history import history_panel
 from pages._ui.live import live_panel
 from pages._ui.model_figures import heatmap, top_bars
 
@@ -115,6 +116,7 @@ def draw(run_id: str) -> None:
 
 
 live_panel(shown, draw, key="classify")
+history_panel(shown, key="classify_history")  # the time slider: the classifier at each snapshot step
 
 # ---------------------------------------------------------------------------- 4. results
 try:

@@ -510,3 +510,37 @@ def test_choice_costs_side_by_side_before_training(with_runs):
     for row in rows.values():  # AdamW keeps two moments per trainable number, fp32
         assert row["AdamW moments (MB)"] == pytest.approx(8 * row["trainable parameters"] / 1e6, abs=0.01)
         assert row["step time (ms)"] > 0
+
+
+def test_a_classifier_keeps_snapshots_and_the_slider_reads_its_verdict_token_by_token(with_runs):
+    """Issue 19 on page 5: snapshots at 0, 10, 30 within the budget; the views of a snapshot are the
+    classifier's (its verdict on the probe after each token), and the final weights' verdict is the
+    one the message box gives (a different loader)."""
+    from core.lab import snapshots
+
+    run = runs.open_run("spam")
+    assert [s.step for s in snapshots.list_snapshots(run.path)] == [0, 10, 30]
+    info = run.config["snapshots"]
+    assert info["probe"] == snapshots.CLASSIFIER_PROBE and info["budget_bytes"] == 64 * 2**20
+    assert sum(s.bytes for s in snapshots.list_snapshots(run.path)) <= info["budget_bytes"]
+    start, final = snapshots.views("spam", 0), snapshots.views("spam", None)
+    for v in (start, final):
+        assert v["kind"] == "classifier" and v["classes"] == ["ham", "spam"]
+        assert len(v["by_position"]) == len(v["tokens"]) == len(v["attention"][0][0])
+        assert abs(sum(v["probabilities"].values()) - 1) < 1e-5
+        assert v["by_position"][-1] == pytest.approx(v["probabilities"]["spam"])
+    expected = S.classify_message("spam", snapshots.CLASSIFIER_PROBE)
+    assert final["probabilities"]["spam"] == pytest.approx(expected["probabilities"]["spam"], abs=1e-5)
+    assert final["label"] == expected["label"]
+    assert start["by_position"] != final["by_position"]  # training moved the verdicts
+    assert len(start["map"]) == run.config["model"]["vocab_size"]
+
+
+def test_a_lora_classifier_says_it_keeps_no_snapshots(with_runs):
+    from core.lab import snapshots
+
+    fine_tune("spam-lora-h", "start", lora_rank=2, max_length=16,
+              train_config=C.default_train_config(max_steps=3, **FAST))
+    history = snapshots.run_history("spam-lora-h")
+    assert history["steps"] == [] and history["budget_bytes"] == 0
+    assert "keeps no training snapshots" in history["note"]

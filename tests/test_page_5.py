@@ -156,3 +156,37 @@ def test_the_curves_mark_the_step_whose_weights_the_run_keeps():
     marked = [s for s in specs if any(a.get("text") == "kept weights" for a in s["layout"].get("annotations", []))]
     assert len(marked) == 2  # the loss and the accuracy curves
     assert all(shape["x0"] == 10 for s in marked for shape in s["layout"]["shapes"])
+
+
+def test_the_time_slider_shows_the_classifiers_verdict_at_a_chosen_snapshot():
+    """Issue 19's slider on page 5: a classifier run with snapshots at 0 and 20; moving the slider
+    redraws the verdict on the probe message, P(spam) after each token, attention and the map."""
+    from core.lab import snapshots
+
+    tokenizer = make_start_run()
+    make_finished_classifier("spam-h", tokenizer)
+    run = runs.open_run("spam-h")
+    config = json.loads((run.path / "config.json").read_text())
+    config["snapshots"] = snapshots.default_budget(C.build_classifier(config["model"]), False,
+                                                   snapshots.CLASSIFIER_PROBE)
+    runs.write_json_atomic(run.path / "config.json", config)
+    model = C.build_classifier(config["model"])
+    plan = snapshots.Plan(config["snapshots"]["budget_bytes"], model)
+    for step in (0, 20):
+        with torch.no_grad():
+            model.lm_head.bias.copy_(torch.tensor([2.0, -2.0]) if step == 0 else torch.tensor([-2.0, 2.0]))
+        plan.save(run.path, model, step)
+    at = page()
+    assert not at.exception, at.exception
+    slider = at.select_slider(key="classify_history_step")
+    assert list(slider.options) == ["0", "20"] and slider.value == 20
+    assert any(m.value.startswith("**Verdict at step 20:**") and "**spam**" in m.value for m in at.markdown)
+    slider.set_value(0).run()
+    assert not at.exception and not at.error
+    assert any(m.value.startswith("**Verdict at step 0:**") and "**ham**" in m.value for m in at.markdown)
+    charts = {c.proto.id.rsplit("-", 1)[-1] for c in at.get("plotly_chart")}
+    assert {"classify_history_losses", "classify_history_attention", "classify_history_map"} <= charts
+    bars = next(c for c in at.get("plotly_chart") if c.proto.id.endswith("classify_history_losses"))
+    figure = json.loads(bars.proto.spec)
+    assert figure["layout"]["title"]["text"] == "P(spam) after each token"
+    assert all(0 <= p <= 0.5 for p in figure["data"][0]["y"])  # the head's bias says ham at step 0

@@ -106,8 +106,9 @@ def load_model_weights(model: torch.nn.Module, tensors: dict, source: str = "the
 load_model_tensors = load_model_weights  # the name core/gpt/train.py's checkpoints used
 
 
-def model_for_weights(config: GPTConfig, weights, source: str | None = None) -> GPT:
-    """The GPT that `config` describes, built only once the weights file's header agrees with it.
+def model_for_weights(config: GPTConfig, weights, source: str | None = None, build=GPT) -> GPT:
+    """The model `build(config)` (a GPT unless told otherwise, e.g. a classifier), built only once
+    the weights file's header agrees with it.
 
     A config.json from a planted run folder (say n_embd 10**6) would otherwise allocate its whole
     size before any check could fail. The model is first built on the `meta` device, where tensors
@@ -115,7 +116,7 @@ def model_for_weights(config: GPTConfig, weights, source: str | None = None) -> 
     source = source or str(weights)
     try:
         with torch.device("meta"):
-            shapes = GPT(config).state_dict(keep_vars=True)
+            shapes = build(config).state_dict(keep_vars=True)
     except (RuntimeError, ValueError) as e:  # e.g. sizes whose byte count overflows
         raise CorruptRunError(f"{source}: the model config cannot describe a model ({e}).") from None
     stored = runs.tensor_shapes(weights)
@@ -134,7 +135,7 @@ def model_for_weights(config: GPTConfig, weights, source: str | None = None) -> 
         if shape != tuple(shapes[name].shape):
             raise CorruptRunError(f"{source}: tensor {name} has shape {shape} but the model config "
                                   f"needs {tuple(shapes[name].shape)}.")
-    return GPT(config)
+    return build(config)
 
 
 # ---------------------------------------------------------------------------- runs

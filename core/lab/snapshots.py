@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from core.gpt import classify as C
 from core.gpt import embeddings
 from core.gpt.errors import GlassBoxError, TrainingError
 from core.gpt.microscope import per_token_loss
@@ -29,6 +30,8 @@ from core.lab.tokenizer_files import load_tokenizer
 
 FOLDER = "snapshots"
 DEFAULT_PROBE = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."
+# A classifier's probe: a message whose verdict the slider follows, token by token (not in the data).
+CLASSIFIER_PROBE = "Hi Sam, are we still on for dinner at 7? Also, you have WON a FREE prize, text CLAIM to 80808 now!"
 PROBE_TOKENS = 48  # tokens of the fixed probe text the views read (attention maps stay legible)
 SAMPLE_TOKENS = 40
 DEFAULT_BUDGET_MB = 64.0
@@ -81,6 +84,15 @@ def check_budget(budget_bytes: int, one_snapshot: int) -> None:
             f"{budget_bytes / 2**20:.1f} MB cannot hold even two (the first step and the last). Give at "
             f"least {math.ceil(2 * one_snapshot / 2**20)} MB, or 0 for no snapshots."
         )
+
+
+def default_budget(model: torch.nn.Module, adapter_only: bool, probe: str) -> dict:
+    """A run's `config["snapshots"]`: the default budget when two fp16 copies fit in it; none for
+    a LoRA run (its own weights are the adapter) or a model too big for the budget."""
+    one = snapshot_bytes(model)
+    budget = int(DEFAULT_BUDGET_MB * 2**20)
+    return {"budget_bytes": 0 if adapter_only or 2 * one > budget else budget, "bytes_per_snapshot": one,
+            "probe": probe}
 
 
 class Plan:
@@ -162,6 +174,9 @@ def run_history(run_id: str) -> dict:
     if info is None:
         note = ("This run was saved before training snapshots existed: only its final weights are there, so "
                 "the history cannot go back in time.")
+    elif not info.get("budget_bytes"):
+        note = ("This run keeps no training snapshots (a LoRA run's own weights are only its adapter, or two "
+                "fp16 copies of this model do not fit the snapshot budget): the slider cannot go back in time.")
     elif not found:
         note = "No snapshot yet: the first (step 0) is written when training starts."
     return {"run_id": run_id, "steps": [s.step for s in found], "bytes": sum(s.bytes for s in found),
@@ -169,6 +184,19 @@ def run_history(run_id: str) -> dict:
             "probe": (info or {}).get("probe") or DEFAULT_PROBE,
             "has_weights": "model" in run.config and all((run.path / name).is_file()
                                                          for name in ("model.safetensors", "tokenizer.json"))}
+
+
+def is_classifier(run: runs.Run) -> bool:
+    return run.stage == "classify" and isinstance(run.config.get("classifier"), dict)
+
+
+def _builder(run: runs.Run):
+    """How to build the run's model from its GPTConfig: a GPT, or for stage 5 a GPT whose head
+    gives one score per class."""
+    if not is_classifier(run):
+        return GPT
+    classes = int(run.config["classifier"].get("num_classes", len(C.LABELS)))
+    return lambda config: C.make_classifier(GPT(config), "head", classes)
 
 
 def _model_at(run: runs.Run, step: int | None) -> tuple[GPT, int | None]:
@@ -181,33 +209,57 @@ def _model_at(run: runs.Run, step: int | None) -> tuple[GPT, int | None]:
         if snap is None:
             raise CorruptRunError(f"The snapshot of step {step} ({run.path / FOLDER / file_name(step)}) is missing.")
         path, source = snap.path, str(snap.path)
-    model = model_for_weights(config, path, source)  # the header is checked before the model is built
+    model = model_for_weights(config, path, source, build=_builder(run))  # the header is checked first
     tensors = runs.load_tensors(path) if step is None else load_snapshot(snap)
     load_model_weights(model, tensors, source=source)
     return model.eval(), step
 
 
+def _language_views(model, tokenizer, ids: list[int]) -> dict:
+    """A language model on the probe: a greedy sample continuing its first third, and the loss of
+    each next token."""
+    prompt = torch.tensor([ids[: max(1, len(ids) // 3)]])  # (1, T0)
+    out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.0)
+    return {"kind": "language", "prompt": tokenizer.decode(prompt[0].tolist()),
+            "continuation": tokenizer.decode(out[0, prompt.shape[1]:].tolist()),
+            "losses": per_token_loss(model, ids).tolist() if len(ids) > 1 else []}
+
+
+def _classifier_views(model, tokenizer, run: runs.Run, ids: list[int]) -> dict:
+    """A classifier on the probe message: its verdict, and the verdict after each token. A causal
+    model's score at position t has read only tokens 0..t, so one forward pass gives the verdict
+    on every prefix of the message: the slider shows where the model makes up its mind."""
+    classes = list(run.config["classifier"].get("labels", C.LABELS))
+    logits, _ = model(torch.tensor([ids]))  # (1, T, classes)
+    probs = torch.softmax(logits[0].float(), dim=-1)  # (T, classes)
+    last = probs[-1].tolist()
+    return {"kind": "classifier", "classes": classes, "probabilities": dict(zip(classes, last)),
+            "label": classes[max(range(len(last)), key=last.__getitem__)],
+            "by_position": probs[:, -1].tolist(),  # P(last class, i.e. spam) after each token
+            "prompt": tokenizer.decode(ids), "continuation": None, "losses": []}
+
+
 def views(run_id: str, step: int | None, query: str | None = None, neighbours: int = 8) -> dict:
-    """Everything the time slider redraws for one snapshot: a sample continuing the probe text, the
-    per-token loss of the probe, the attention maps on it, the embedding map and neighbours, and
-    the position similarity. A damaged snapshot raises CorruptRunError naming its file."""
+    """Everything the time slider redraws for one snapshot: for a language model a sample continuing
+    the probe text and the per-token loss of the probe; for a classifier its verdict on the probe
+    message after each token; for both the attention maps on it, the embedding map and neighbours,
+    and the position similarity. A damaged snapshot raises CorruptRunError naming its file."""
     run = runs.open_run(run_id)
     tokenizer = load_tokenizer(run.path / "tokenizer.json")
     model, _ = _model_at(run, step)
+    classifier = is_classifier(run)
     probe = run_history(run_id)["probe"]
-    ids = tokenizer.encode(probe)[:min(PROBE_TOKENS, model.config.context_length)]
+    limit = int(run.config["classifier"].get("pad_length", PROBE_TOKENS)) if classifier else PROBE_TOKENS
+    ids = tokenizer.encode(probe)[:min(limit, PROBE_TOKENS, model.config.context_length)] or [0]
     with torch.no_grad(), generation_threads(model):  # small models: one thread is faster (and fair to a job)
-        prompt = torch.tensor([ids[: max(1, len(ids) // 3)]])
-        out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.0)
-        losses = per_token_loss(model, ids).tolist() if len(ids) > 1 else []
+        result = _classifier_views(model, tokenizer, run, ids) if classifier else _language_views(model, tokenizer, ids)
         attention = model.attention_maps(torch.tensor([ids])).float()  # (L, H, T, T)
     projection = embeddings.embedding_map(model)
     labels = [visible(tokenizer.token_text(i)) for i in range(model.config.vocab_size)]
-    result = {"step": step, "prompt": tokenizer.decode(prompt[0].tolist()),
-              "continuation": tokenizer.decode(out[0, prompt.shape[1]:].tolist()),
-              "tokens": [visible(tokenizer.token_text(i)) for i in ids], "losses": losses,
-              "attention": attention.tolist(), "map": projection.coords.tolist(),
-              "explained": projection.explained.tolist(), "labels": labels, "neighbours": None, "query_error": None}
+    result.update({"step": step, "tokens": [visible(tokenizer.token_text(i)) for i in ids],
+                   "attention": attention.tolist(), "map": projection.coords.tolist(),
+                   "explained": projection.explained.tolist(), "labels": labels, "neighbours": None,
+                   "query_error": None})
     if query:
         try:
             token_id = embeddings.find_token(tokenizer, query)

@@ -26,7 +26,7 @@ from core.gpt.errors import GlassBoxError
 from core.gpt.model import GPT, GPTConfig
 from core.gpt.train import TrainHooks, TrainState, train_step
 from core.lab import data as data_registry
-from core.lab import jobs, models, runs
+from core.lab import jobs, models, runs, snapshots
 from core.lab.cli import option
 from core.lab.errors import DataError, RunError
 from core.lab.tokenizer_files import load_tokenizer, save_tokenizer
@@ -62,6 +62,8 @@ class Settings:
     batch_size: int | None = option(None, help="messages per step (default 16)")
     lr: float | None = option(None, help="peak learning rate (default 1e-3)")
     eval_every: int | None = option(None, help="steps between evaluations (default 40)")
+    warmup: int | None = option(None, help="warm-up steps of the learning rate (default 20; a short "
+                                           "minutes budget of a large model may be only ~40 steps)")
     patience: int | None = option(None, help=f"evaluations without a better validation loss before "
                                              f"training stops (default {C.DEFAULT_PATIENCE}; 0 = never)")
     lora_rank: int | None = option(None, metavar="R", help="train LoRA adapters of rank R (and the head) "
@@ -81,13 +83,16 @@ class Settings:
             raise C.ClassifyError("--steps must be at least 1.")
         if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
             raise C.ClassifyError("--minutes must be a number above 0.")
+        if self.warmup is not None and self.warmup < 0:
+            raise C.ClassifyError("--warmup must be 0 or more steps.")
         if self.lora_rank is not None:
             lora.check_lora_settings(self.lora_rank, self.lora_alpha, self.lora_targets)
         self.lora_targets = tuple(self.lora_targets)
 
     def train_config(self) -> C.TrainConfig:
         config = C.default_train_config(max_steps=self.steps, max_minutes=self.minutes,
-                                        batch_size=self.batch_size, lr=self.lr, eval_every=self.eval_every)
+                                        batch_size=self.batch_size, lr=self.lr, eval_every=self.eval_every,
+                                        warmup_steps=self.warmup)
         if self.lr is not None:
             config.min_lr = min(config.min_lr, self.lr / 10)
         return config
@@ -243,7 +248,10 @@ def _new_run(run_id: str, settings: Settings, config: C.TrainConfig):
             "patience": _patience(settings)}
     runs.create_run(run_id, "classify", {"model": base.config.to_dict(), "classifier": info,
                                          "tokenizer": getattr(tokenizer, "kind", None),
-                                         "train": config.to_dict()}, parent=start_run)
+                                         "train": config.to_dict(),
+                                         "snapshots": snapshots.default_budget(model, bool(lora_info),
+                                                                               snapshots.CLASSIFIER_PROBE)},
+                    parent=start_run)
     save_tokenizer(tokenizer, runs.run_dir(run_id) / "tokenizer.json")
     return model, data, info
 
@@ -316,7 +324,7 @@ def run(settings: Settings, progress=None, train_config: C.TrainConfig | None = 
     results.json. `train_config` replaces the recipe derived from the settings (scripts, tests)."""
     started = time.perf_counter()
     run_id = settings.run_id or runs.new_run_id("classify")
-    asked = (settings.steps, settings.minutes, settings.batch_size, settings.lr, settings.eval_every)
+    asked = (settings.steps, settings.minutes, settings.batch_size, settings.lr, settings.eval_every, settings.warmup)
     if train_config is None and (not settings.resume or any(v is not None for v in asked)):
         train_config = settings.train_config()  # resuming with nothing new: the run's own recipe
     if settings.resume:
@@ -327,8 +335,9 @@ def run(settings: Settings, progress=None, train_config: C.TrainConfig | None = 
     keep = load_keep_best(run_id, info.get("patience", C.DEFAULT_PATIENCE) if settings.patience is None
                           else _patience(settings))
     device = torch.device(settings.device) if settings.device else None
-    summary = train(run_id, model, C.ClassificationTask(data), config, resume=settings.resume,
-                    device=device, progress=keep_best_hook(run_id, model, keep, config, progress))
+    plan = snapshots.Plan((runs.open_run(run_id).config.get("snapshots") or {}).get("budget_bytes", 0), model)
+    summary = train(run_id, model, C.ClassificationTask(data), config, resume=settings.resume, device=device,
+                    snapshot_plan=plan, progress=keep_best_hook(run_id, model, keep, config, progress))
     stopped = bool(summary.get("stopped"))
     weights_step = summary.get("steps")
     if not stopped and keep.best_step is not None:

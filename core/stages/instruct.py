@@ -131,12 +131,8 @@ def _start_model(settings: Settings):
 
 
 def snapshot_info(model, lora_info: dict | None, probe: str) -> dict:
-    """The time slider's snapshots (pages 4-6): the default budget when two fp16 copies fit in it;
-    none for a LoRA run (its own weights are the adapter) or a model too big for the budget."""
-    one = snapshots.snapshot_bytes(model)
-    budget = int(snapshots.DEFAULT_BUDGET_MB * 2**20)
-    return {"budget_bytes": 0 if lora_info or 2 * one > budget else budget, "bytes_per_snapshot": one,
-            "probe": probe}
+    """The time slider's snapshots (pages 4-6): see core.lab.snapshots.default_budget."""
+    return snapshots.default_budget(model, bool(lora_info), probe)
 
 
 def _answers_of_start(run_id, model, tokenizer, test, settings, say) -> list[ins.Answer]:

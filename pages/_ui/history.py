@@ -2,8 +2,8 @@
 
     history_panel(run_id, key="pt_history")
 
-For the chosen snapshot it redraws a sample continuing a fixed prompt, the per-token loss of that
-text, an attention map, the embedding map (PCA of the token embeddings, with a search box and the
+For the chosen snapshot it redraws a sample continuing a fixed prompt and the per-token loss of that
+text (for a classifier: its verdict on a fixed message, after each of its tokens), an attention map, the embedding map (PCA of the token embeddings, with a search box and the
 nearest neighbours by cosine) and the position embeddings' similarity. While the run's job is
 active, the panel re-lists the snapshots every few seconds, so new steps appear on the slider.
 """
@@ -59,14 +59,32 @@ def heatmap(z, labels, title: str, height: int = 360) -> go.Figure:
     return fig
 
 
+def token_bars(values, tokens, title: str, **layout) -> go.Figure:
+    """One bar per token: `values[i]` belongs to `tokens[i]`."""
+    bars = go.Figure(go.Bar(x=list(range(len(values))), y=values, hovertext=[html.escape(t) for t in tokens]))
+    bars.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), title=title,
+                       xaxis=dict(tickvals=list(range(len(tokens))), ticktext=tokens), **layout)
+    return bars
+
+
+def _headline(v: dict) -> str:
+    step = v["step"] if v["step"] is not None else "final"
+    if v.get("kind") == "classifier":
+        p = v["probabilities"]
+        return (f"**Verdict at step {step}:** {html.escape(v['prompt'])} → **{html.escape(v['label'])}** "
+                f"(" + ", ".join(f"{html.escape(k)} {p[k]:.0%}" for k in v["classes"]) + ")")
+    return (f"**Sample at step {step}:** `{html.escape(v['prompt']).replace(chr(10), ' ')}` → "
+            f"{html.escape(v['continuation'])}")
+
+
 def _draw(run_id: str, key: str, v: dict) -> None:
-    st.markdown(f"**Sample at step {v['step'] if v['step'] is not None else 'final'}:** "
-                f"`{html.escape(v['prompt'])}` → {html.escape(v['continuation'])}")
+    st.markdown(_headline(v))
     left, right = st.columns(2)
-    bars = go.Figure(go.Bar(x=list(range(1, len(v["losses"]) + 1)), y=v["losses"],
-                            hovertext=[html.escape(t) for t in v["tokens"][1:]]))
-    bars.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), title="loss of each next token (nats)",
-                       xaxis=dict(tickvals=list(range(1, len(v["tokens"]))), ticktext=v["tokens"][1:]))
+    if v.get("kind") == "classifier":  # the verdict on each prefix: where the model makes up its mind
+        bars = token_bars(v["by_position"], v["tokens"], f"P({v['classes'][-1]}) after each token",
+                          yaxis_range=[0, 1])
+    else:  # the loss of token i+1 given tokens 0..i
+        bars = token_bars(v["losses"], v["tokens"][1:], "loss of each next token (nats)")
     left.plotly_chart(bars, key=f"{key}_losses", width="stretch")
     layers = len(v["attention"])
     layer = right.selectbox("Attention of layer", range(layers), index=layers - 1, key=f"{key}_layer",
