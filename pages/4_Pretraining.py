@@ -12,7 +12,7 @@ import streamlit as st
 from core.stages import pretrain as stage
 from pages._ui import (escape, page_header, remembered_run, run_ids_with_pending, run_name_input, show_error,
                        waiting_to_start)
-from pages._ui.charts import curves_figure
+from pages._ui.charts import curves_figure, expected_vs_yours
 from pages._ui.code import code_behind
 from pages._ui.history import history_panel
 from pages._ui.microscope import microscope_panel
@@ -138,11 +138,7 @@ def draw_live(run_id: str) -> None:
     st.plotly_chart(curves_figure([("train", metrics, "train_loss"), ("validation", metrics, "val_loss")],
                                   y_title="loss (cross-entropy, nats)", height=360, band=band),
                     key="pt_loss_chart", width="stretch")
-    if ref:
-        st.caption(f"Grey band: the reference run of this preset and recipe (validation loss ±{ref['band']:.0%}), "
-                   f"measured on {ref['machine']}.")
-    for message in result["health"] + ([result["device_message"]] if result["device_message"] else []):
-        st.warning(message, icon="🩺")
+    expected_vs_yours({"reference": ref, "health": result["health"] + [m for m in [result["device_message"]] if m]})
     vocab = result["config"].get("vocab_size")
     if vocab:
         st.caption(f"A model that guesses uniformly scores ln({vocab}) = {math.log(vocab):.2f}. Validation "

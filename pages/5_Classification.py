@@ -8,7 +8,7 @@ import streamlit as st
 from core.stages import classify as stage
 from core.stages.classify import CODE, GlassBoxError
 from pages._ui import escape, page_header, remembered_run, run_name_input, show_error, start_stage_job
-from pages._ui.charts import curves_figure
+from pages._ui.charts import curves_figure, expected_vs_yours
 from pages._ui.code import code_behind
 from pages._ui.history import history_panel
 from pages._ui.live import live_panel
@@ -105,14 +105,16 @@ def draw(run_id: str) -> None:
     if not metrics:
         st.caption("The curves appear after the first steps.")
         return
+    expected = stage.expected(run_id, metrics)
     left, right = st.columns(2)
     left.plotly_chart(curves_figure([("train", metrics, "train_loss"), ("validation", metrics, "val_loss")],
-                                    height=260, marker_step=kept), key="classify_loss_chart")
+                                    height=260, marker_step=kept, band=expected["band"]), key="classify_loss_chart")
     right.plotly_chart(curves_figure([("train", metrics, "train_accuracy"), ("validation", metrics, "val_accuracy")],
                                      height=260, y_title="accuracy", percent=True, marker_step=kept),
                        key="classify_accuracy_chart")
     st.caption(f"Accuracies at each evaluation (validation: every message; train: the same {stage.TRAIN_ACCURACY_SUBSET} "
                "messages each time). The dotted line: the step whose weights the run keeps (best validation loss).")
+    expected_vs_yours(expected)
 
 
 live_panel(shown, draw, key="classify")

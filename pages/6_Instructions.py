@@ -12,7 +12,7 @@ import streamlit as st
 from core.stages import instruct as stage
 from core.stages.instruct import CODE, GlassBoxError
 from pages._ui import escape, page_header, remembered_run, run_name_input, run_picker, show_error, start_stage_job
-from pages._ui.charts import curves_figure
+from pages._ui.charts import curves_figure, expected_vs_yours
 from pages._ui.code import code_behind
 from pages._ui.history import history_panel
 from pages._ui.live import live_panel
@@ -99,11 +99,14 @@ st.session_state[PAGE_KEY] = shown
 
 def draw(run_id: str) -> None:
     metrics, samples, kept = stage.curves(run_id)
+    expected = stage.expected(run_id, metrics)
     left, right = st.columns([3, 2])
     with left:
         if metrics:
             left.plotly_chart(curves_figure([("train", metrics, "train_loss"), ("validation", metrics, "val_loss")],
-                                            height=280, marker_step=kept), key="instruct_loss_chart")
+                                            height=280, marker_step=kept, band=expected["band"]),
+                              key="instruct_loss_chart")
+            expected_vs_yours(expected)
         else:
             st.caption("The loss curve appears with the first steps (the starting model first answers the test "
                        "instructions, which takes a moment).")

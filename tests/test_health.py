@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.gpt import health
+from core.lab import references
 from core.gpt.model import GPT, GPTConfig
 
 
@@ -67,15 +68,36 @@ def test_off_the_band_of_the_reference():
     assert kinds(rows(falling(50, 4.2, 1.8), {500: 2.05}), reference) == []
 
 
-@pytest.mark.parametrize("preset", sorted(health.REFERENCES))
-def test_the_reference_runs_themselves_are_healthy(preset):
-    ref = health.REFERENCES[preset]
+def config_matching(ref: dict) -> dict:
+    """A run config that the reference's match and recipe describe ("a.b" paths become nested dicts)."""
+    config: dict = {"train": dict(ref["recipe"])}
+    for path, value in ref["match"].items():
+        *parents, last = path.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config
+
+
+@pytest.mark.parametrize("name", sorted(references.REFERENCES))
+def test_the_reference_runs_themselves_are_healthy(name):
+    ref = references.REFERENCES[name]
     metrics = [{"step": s, "train_loss": t, "val_loss": v} for s, t, v in zip(ref["step"], ref["train_loss"], ref["val_loss"])]
-    assert health.health_messages(metrics, ref) == []
-    assert ref["machine"] and ref["recipe"]["lr"] > 0
-    run_config = {"preset": preset, "data": ref["data"], "tokenizer": ref["tokenizer"], "train": dict(ref["recipe"])}
-    assert health.reference_for(run_config) is ref
-    assert health.reference_for({**run_config, "train": {**ref["recipe"], "lr": 1.0}}) is None
+    found = health.health_messages(metrics, ref, fine_tuning=ref["stage"] != "pretrain")
+    if ref["stage"] == "pretrain":
+        assert found == []
+    else:  # fine-tuning's default budget runs past the best step; the run keeps that step's weights
+        assert [m.kind for m in found] in ([], ["overfitting"])
+        assert all("keeps the weights of its best step" in m.text for m in found)
+    assert ref["machine"] and ref["recipe"]["lr"] > 0 and ref["command"].startswith("python -m core ")
+    run_config = config_matching(ref)
+    assert references.reference_for(run_config, ref["stage"]) is ref
+    assert references.reference_for({**run_config, "train": {**ref["recipe"], "lr": 1.0}}, ref["stage"]) is None
+    other = "classify" if ref["stage"] != "classify" else "pretrain"
+    assert references.reference_for(run_config, other) is None
+    budget = {k: v for k, v in ref["recipe"].items() if k not in references.BUDGET_KEYS}
+    assert references.reference_for({**run_config, "train": {**budget, "max_steps": 7}}, ref["stage"]) is ref
 
 
 def tiny_model():

@@ -190,3 +190,27 @@ def test_the_time_slider_shows_the_classifiers_verdict_at_a_chosen_snapshot():
     figure = json.loads(bars.proto.spec)
     assert figure["layout"]["title"]["text"] == "P(spam) after each token"
     assert all(0 <= p <= 0.5 for p in figure["data"][0]["y"])  # the head's bias says ham at step 0
+
+
+def test_expected_vs_yours_draws_the_reference_band_and_says_when_the_run_is_off_it(monkeypatch):
+    """Issue 19 on page 5: a reference of the same start shape and recipe is drawn behind the
+    curve, its source is named, and a run whose validation loss is above its band is told so."""
+    from core.lab import references
+
+    tokenizer = make_start_run()
+    make_finished_classifier("spam-ref", tokenizer)  # validation loss 0.55 and 0.45 at steps 10 and 20
+    monkeypatch.setitem(references.REFERENCES, "test-classify", {
+        "stage": "classify", "band": 0.5, "match": {"model.n_embd": TINY["n_embd"], "model.n_layer": 1},
+        "command": "python -m core classify --from base", "recipe": {}, "machine": "a test",
+        "step": [10, 20], "train_loss": [0.3, 0.2], "val_loss": [0.2, 0.2]})
+    at = page()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Grey band: the reference run") and "python -m core classify" in c.value
+               for c in at.caption)
+    assert any("the reference run of this preset and recipe was at 0.200" in w.value for w in at.warning)
+    loss = next(c for c in at.get("plotly_chart") if c.proto.id.endswith("classify_loss_chart"))
+    assert json.loads(loss.proto.spec)["data"][0]["name"] == "expected"
+    monkeypatch.delitem(references.REFERENCES, "test-classify")
+    at.run()
+    assert not any(c.value.startswith("Grey band") for c in at.caption)
+    assert not any("reference run" in w.value for w in at.warning)

@@ -129,3 +129,20 @@ def test_a_blank_line_in_a_model_answer_stays_inside_the_table(finished_run):
     assert "\n" not in table and table.endswith("</table>")
     assert "First line.<br><br>&lt;b&gt;Second&lt;/b&gt; line<br><br><br>third" in table
     assert "Reference<br><br>with a gap" in table
+
+
+def test_expected_vs_yours_on_page_6(finished_run, monkeypatch):
+    """The reference band behind stage 6's curve and the sentence when the run is above it."""
+    from core.lab import references
+
+    model = runs.open_run("tuned").config["model"]
+    metrics = runs.read_jsonl(runs.run_dir("tuned") / "metrics.jsonl")
+    step = max(m["step"] for m in metrics if m.get("val_loss") is not None)
+    monkeypatch.setitem(references.REFERENCES, "test-instruct", {
+        "stage": "instruct", "band": 0.1, "match": {"model.n_embd": model["n_embd"], "lora": None},
+        "command": "python -m core instruct --from start", "recipe": {}, "machine": "a test",
+        "step": [0, step], "train_loss": [0.5, 0.5], "val_loss": [0.01, 0.01]})
+    at = page().run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Grey band: the reference run") for c in at.caption)
+    assert any(f"At step {step} the validation loss is" in w.value for w in at.warning)

@@ -75,7 +75,7 @@ def lr_too_high(metrics: list[dict]) -> Message | None:
     return None
 
 
-def overfitting(metrics: list[dict], rise: float = 0.05) -> Message | None:
+def overfitting(metrics: list[dict], rise: float = 0.05, keeps_best: bool = False) -> Message | None:
     """Validation loss rising from its best while the training loss keeps falling."""
     val_steps, vals = series(metrics, "val_loss")
     if len(vals) < 3:
@@ -87,10 +87,14 @@ def overfitting(metrics: list[dict], rise: float = 0.05) -> Message | None:
     before = [train_at[s] for s in train_at if s <= val_steps[best_i]]
     after = [train_at[s] for s in train_at if s > val_steps[best_i]]
     if before and after and min(after) < before[-1]:
-        return Message("overfitting", f"The validation loss rose from {vals[best_i]:.3f} (step {val_steps[best_i]}) "
-                                      f"to {vals[-1]:.3f} while the training loss kept falling: the model is "
-                                      "memorising its training text. Keep the weights of the best step, use more "
-                                      "data, or train for fewer steps.")
+        rose = (f"The validation loss rose from {vals[best_i]:.3f} (step {val_steps[best_i]}) to {vals[-1]:.3f} "
+                "while the training loss kept falling: the model is memorising its training examples. ")
+        if keeps_best:  # stages 5 and 6 keep the best-validation weights
+            return Message("overfitting", rose + f"This run keeps the weights of its best step (here "
+                                                 f"{val_steps[best_i]}), so the result is not hurt; fewer steps "
+                                                 "would give the same model sooner.")
+        return Message("overfitting", rose + "Keep the weights of the best step, use more data, or train for "
+                                             "fewer steps.")
     return None
 
 
@@ -132,9 +136,14 @@ def off_band(metrics: list[dict], reference: dict | None) -> Message | None:
     return None
 
 
-def health_messages(metrics: list[dict], reference: dict | None = None) -> list[Message]:
-    """Every check that has something to say about this curve (none: it looks healthy)."""
-    found = [diverging(metrics), lr_too_high(metrics), overfitting(metrics)]
+def health_messages(metrics: list[dict], reference: dict | None = None, fine_tuning: bool = False) -> list[Message]:
+    """Every check that has something to say about this curve (none: it looks healthy).
+
+    Fine-tuning (stages 5 and 6) logs the loss of small batches of a few messages or instructions,
+    which jumps from one batch to the next whatever the learning rate: the jump check is left out.
+    Those stages keep their best-validation weights, and the overfitting sentence says so."""
+    found = [diverging(metrics), None if fine_tuning else lr_too_high(metrics),
+             overfitting(metrics, keeps_best=fine_tuning)]
     if not found[0]:
         found += [plateau(metrics, reference), off_band(metrics, reference)]
     return [m for m in found if m is not None]
@@ -184,38 +193,3 @@ def device_message(check: dict) -> str | None:
             f"CPU computes {check['cpu_loss']:.4f} (difference {check['difference']:.2e}, allowed "
             f"{check['tolerance']:.0e}): this device computes something else. Train on the CPU "
             "(--device cpu), or update PyTorch.")
-
-
-# ---------------------------------------------------------------------------- expected vs yours
-
-# Reference curves: `python -m core pretrain --data tinyshakespeare --tokenizer char --preset P` with the
-# preset's recipe (core/gpt/pretrain.py), measured here. CPU fp32 training is deterministic for a
-# seed, so the curve against steps is the machine's only through its speed (`seconds`).
-REFERENCES: dict[str, dict] = {
-    "tiny": {
-        "data": "tinyshakespeare", "tokenizer": "char", "band": 0.1,
-        "recipe": {"max_steps": 300, "batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20},
-        "machine": "this project's 2-core x86 CPU, torch 2.13 fp32, shared by ~9 sessions (load ~15): "
-                   "1,722 s for what takes ~30 s on a quiet machine (2026-12-01, --eval-every 25)",
-        "step": [1, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 100, 110, 120, 125, 130, 140, 150, 160, 170, 175,
-                 180, 190, 200, 210, 220, 225, 230, 240, 250, 260, 270, 275, 280, 290, 300],
-        "train_loss": [4.2224, 3.9311, 3.419, 3.0549, 2.8925, 2.7655, 2.6568, 2.6032, 2.5526, 2.5516, 2.5339,
-                       2.5347, 2.5136, 2.4944, 2.4789, 2.4659, 2.484, 2.461, 2.457, 2.4395, 2.4228, 2.4436, 2.4135,
-                       2.4035, 2.4232, 2.3902, 2.3787, 2.3693, 2.3821, 2.3636, 2.3738, 2.354, 2.3485, 2.3602,
-                       2.3362, 2.3555, 2.3559],
-        "val_loss": [None, None, None, 2.9586, None, None, 2.623, None, None, 2.5368, None, None, 2.4956, None,
-                     None, 2.4636, None, None, 2.4405, None, None, 2.4181, None, None, 2.3996, None, None, 2.3795,
-                     None, None, 2.3707, None, None, 2.354, None, None, 2.3491],
-    },
-}
-
-
-def reference_for(run_config: dict) -> dict | None:
-    """The reference curve of a run's preset and recipe (data, tokeniser, lr, batch, warm-up), if any."""
-    ref = REFERENCES.get(run_config.get("preset") or "")
-    if not ref or run_config.get("data") != ref["data"] or run_config.get("tokenizer") != ref["tokenizer"]:
-        return None
-    train = run_config.get("train") or {}
-    if any(train.get(k) != v for k, v in ref["recipe"].items() if k != "max_steps"):
-        return None
-    return ref

@@ -26,7 +26,7 @@ from core.gpt.errors import GlassBoxError
 from core.gpt.model import GPT, GPTConfig
 from core.gpt.train import TrainHooks, TrainState, train_step
 from core.lab import data as data_registry
-from core.lab import jobs, models, runs, snapshots
+from core.lab import jobs, models, references, runs, snapshots
 from core.lab.cli import option
 from core.lab.errors import DataError, RunError
 from core.lab.tokenizer_files import load_tokenizer, save_tokenizer
@@ -492,6 +492,12 @@ def curves(run_id: str) -> tuple[list[dict], int | None]:
     path = runs.run_dir(run_id) / BEST_INFO_FILE
     step = done.get("weights_step") if done else (runs.read_json(path)["step"] if path.is_file() else None)
     return runs.read_jsonl(runs.run_dir(run_id) / "metrics.jsonl"), step
+
+
+def expected(run_id: str, metrics: list[dict]) -> dict:
+    """Expected vs yours: the reference run of this start shape and recipe (band) and the health
+    checks' sentences (core.lab.references)."""
+    return references.expected_vs_yours(runs.open_run(run_id).config, metrics, "classify")
 
 
 def comparison(run_ids: list[str]) -> list[dict]:

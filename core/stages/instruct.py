@@ -23,7 +23,7 @@ from core.gpt.classify import KeepBest, DEFAULT_PATIENCE
 from core.gpt.errors import GlassBoxError
 from core.gpt.train import TrainConfig
 from core.lab import data as data_registry
-from core.lab import jobs, models, runs, snapshots
+from core.lab import jobs, models, references, runs, snapshots
 from core.lab.cli import option
 from core.lab.errors import DataError, RunError
 from core.lab.tokenizer_files import save_tokenizer
@@ -320,6 +320,12 @@ def curves(run_id: str) -> tuple[list[dict], list[dict], int | None]:
     best = path / "best.json"
     step = rates.get("weights_step") if rates else (runs.read_json(best)["step"] if best.is_file() else None)
     return runs.read_jsonl(path / "metrics.jsonl"), runs.read_jsonl(path / "samples.jsonl"), step
+
+
+def expected(run_id: str, metrics: list[dict]) -> dict:
+    """Expected vs yours: the reference run of this start shape and recipe (band) and the health
+    checks' sentences (core.lab.references)."""
+    return references.expected_vs_yours(runs.open_run(run_id).config, metrics, "instruct")
 
 
 def _cell(text: str) -> str:

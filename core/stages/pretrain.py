@@ -26,7 +26,7 @@ from core.gpt.errors import GlassBoxError, TrainingError
 from core.gpt.model import GPT, PRESETS, GPTConfig, count_parameters, preset_config
 from core.gpt.pretrain import LanguageModelTask, default_tokenizer, encode_corpus, recipe
 from core.gpt.train import TrainConfig, batch_generator, budget_progress, effective_warmup, learning_rate, train_step
-from core.lab import data, device as devices, jobs, runs, snapshots
+from core.lab import data, device as devices, jobs, references, runs, snapshots
 from core.lab.cli import option
 from core.lab.models import save_model_run
 from core.lab.tokenizer_files import load_tokenizer, tokenizer_from_spec
@@ -290,26 +290,16 @@ def lr_schedule(config: TrainConfig, total_steps: int, points: int = 200) -> lis
     return out
 
 
-def reference_band(reference: dict | None):
-    """(steps, low, high) of the reference validation loss ± its band, for the chart (None: no reference)."""
-    if not reference:
-        return None
-    points = [(s, v) for s, v in zip(reference["step"], reference["val_loss"]) if v is not None]
-    b = reference.get("band", 0.1)
-    return [s for s, _ in points], [v * (1 - b) for _, v in points], [v * (1 + b) for _, v in points]
-
-
 def results(run_id: str) -> dict:
     """A pre-training run as page 4 draws it: config, state, metrics, samples and the summary."""
     run = runs.open_run(run_id)
     metrics = run.metrics()
-    reference = health.reference_for(run.config)
+    expected = references.expected_vs_yours(run.config, metrics, "pretrain")
     check = run.config.get("device_check")
     return {"run_id": run_id, "config": run.config, "state": run.state, "status": run.status,
             "metrics": metrics, "samples": run.samples(),
-            "summary": progress_summary(metrics, run.config.get("train")), "reference": reference,
-            "reference_band": reference_band(reference),
-            "health": [m.text for m in health.health_messages(metrics, reference)],
+            "summary": progress_summary(metrics, run.config.get("train")), "reference": expected["reference"],
+            "reference_band": expected["band"], "health": expected["health"],
             "device_message": health.device_message(check) if check else None}
 
 

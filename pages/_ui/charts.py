@@ -7,6 +7,7 @@ refresh is what makes a long session slow and leaky.
 from __future__ import annotations
 
 import plotly.graph_objects as go
+import streamlit as st
 
 MAX_POINTS = 400
 
@@ -42,3 +43,14 @@ def curves_figure(series: list[tuple[str, list[dict], str]], x_key: str = "step"
     if percent:
         fig.update_yaxes(tickformat=".0%")
     return fig
+
+
+def expected_vs_yours(expected: dict) -> None:
+    """Under a loss chart: where the grey band comes from, and each health check that has something
+    to say (core.lab.references.expected_vs_yours)."""
+    ref = expected["reference"]
+    if ref:
+        st.caption(f"Grey band: the reference run of this start and recipe (validation loss ±{ref['band']:.0%}), "
+                   f"measured on {ref['machine']}: `{ref['command']}`.")
+    for message in expected["health"]:
+        st.warning(message, icon="🩺")
