@@ -13,7 +13,7 @@ import torch
 
 from core.lab import jobs, runs
 from core.gpt.errors import TrainingError
-from core.gpt.pretrain import LanguageModelTask, encode_corpus, recipe
+from core.gpt.pretrain import LanguageModelTask, default_tokenizer, encode_corpus, recipe
 from core.stages import pretrain as stage
 from core.gpt.tokenizers import train_char
 from core.gpt.train import TrainConfig, batch_generator
@@ -111,6 +111,8 @@ def test_recipes_exist_for_the_presets_and_fall_back():
     assert recipe("small")["batch_size"] == 32
     assert "max_minutes" in recipe("base") or "max_steps" in recipe("base")
     assert recipe("unknown-preset")["max_minutes"] == 3.0
+    # the modern block is base's shape: the same recipe and tokenizer, so the two compare fairly
+    assert recipe("modern") == recipe("base") and default_tokenizer("modern") == default_tokenizer("base") == "bpe:1000"
 
 
 # ---------------------------------------------------------------------------- the command line

@@ -112,11 +112,71 @@ def test_compare_models_reports_loss_and_speed_per_precision():
     model = tiny_gpt()
     ids = torch.randint(96, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     rows = LQ.compare_models(model, ids, new_tokens=4)
-    assert [r["precision"] for r in rows] == ["fp32", "int8", "int8-dynamic", "q4_1"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "int8-dynamic", "int8-smooth", "q4_1"]
     for r in rows:
         assert len(r["per_token_loss"]) == 23 and np.isfinite(r["mean_loss"]) and r["tokens_per_s"] > 0
         assert len(r["greedy_tokens"]) == 5
     assert rows[0]["loss_change"] == 0.0
     manual = torch.nn.functional.cross_entropy(model(torch.tensor([ids[:-1]]))[0][0], torch.tensor(ids[1:]))
     assert rows[0]["mean_loss"] == pytest.approx(manual.item(), rel=1e-5)
-    assert rows[0]["weight_bytes"] == 4 * rows[1]["weight_bytes"] and rows[3]["weight_bytes"] < rows[1]["weight_bytes"]
+    assert rows[0]["weight_bytes"] == 4 * rows[1]["weight_bytes"] and rows[4]["weight_bytes"] < rows[1]["weight_bytes"]
+
+
+def test_smoothing_scales_balance_activation_and_weight_ranges():
+    activation_max = torch.tensor([100.0, 1.0, 4.0])
+    weight = torch.tensor([[1.0, 1.0, -1.0], [0.5, -4.0, 0.25]])  # column maxima 1, 4, 1
+    s = Q.smoothing_scales(activation_max, weight, alpha=0.5)
+    assert torch.allclose(s, torch.tensor([10.0, 0.5, 2.0]))
+    # after smoothing, channel j's activations reach max/s and its weights max·s: both sqrt(max · max)
+    assert torch.allclose(activation_max / s, weight.abs().amax(0) * s)
+
+
+def smolish(seed=0, **options):
+    """A tiny model with SmolLM2's choices (RMSNorm, SwiGLU, RoPE, 2 key/value heads, tied head)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=96, context_length=32, n_embd=64, n_head=4, n_layer=2, position="rope",
+                       norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, **options)
+    return GPT(config).eval()
+
+
+def plant_outliers(model, channel=5, factor=60.0):
+    """Make one hidden channel of every feed-forward huge (as in SmolLM2) without changing the function:
+    SwiGLU's `up` row times `factor`, proj's column divided by it."""
+    with torch.no_grad():
+        for block in model.blocks:
+            hidden = block.mlp.proj.in_features
+            block.mlp.fc.weight[hidden + channel] *= factor
+            block.mlp.proj.weight[:, channel] /= factor
+    return model
+
+
+@pytest.mark.parametrize("build", [tiny_gpt, smolish])
+def test_a_smoothed_model_computes_the_same_function(build):
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(96, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    smooth = LQ.smooth_model(model, ids)
+    x = torch.randint(96, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(smooth(x)[0], model(x)[0], atol=1e-4)
+    assert smooth.lm_head.weight is not smooth.wte.weight  # the head was untied in the copy
+    assert torch.equal(smooth.wte.weight, model.wte.weight)  # the token table is not scaled
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the original untouched
+    assert not torch.equal(smooth.blocks[0].ln_1.weight, model.blocks[0].ln_1.weight)
+
+
+def test_smoothing_rescues_int8_from_an_outlier_channel():
+    """Dynamic int8 shares one scale across an activation vector: one huge channel crushes the rest.
+    Smoothing first brings the error back down (SmolLM2's case, measured in docs/modern-weights.md)."""
+    model = plant_outliers(smolish(1))
+    calibration = torch.randint(96, (32,), generator=torch.Generator().manual_seed(6)).tolist()
+    ids = torch.randint(96, (32,), generator=torch.Generator().manual_seed(7)).tolist()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        exact = model(x)[0]
+        dynamic = LQ.int8_model(model, "dynamic")(x)[0]
+        smooth = LQ.int8_model(model, "smooth", calibration)(x)[0]
+    error = lambda y: (y - exact).abs().mean().item()  # noqa: E731
+    assert error(smooth) < 0.5 * error(dynamic)
+    with pytest.raises(ValueError, match="calibration"):
+        LQ.int8_model(model, "smooth")

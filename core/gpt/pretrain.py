@@ -51,13 +51,14 @@ RECIPES: dict[str, dict] = {
                  weight_decay=0.1, eval_every=100, eval_batches=8, sample_every=200,
                  checkpoint_every=200, log_every=5),
 }
+RECIPES["modern"] = RECIPES["base"]  # the same shape with the modern block: same recipe, a fair comparison
 DEFAULT_RECIPE = dict(max_minutes=3.0, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=50,
                       eval_every=100, eval_batches=8, sample_every=200, checkpoint_every=200, log_every=5)
 
 
 # A long context wants dense tokens: our BPE packs ~2.5–3 characters per token, so 256 positions
 # see ~700 characters (a character model at context 256 sat on a loss plateau near 2.5 for minutes).
-PRESET_TOKENIZERS = {"base": "bpe:1000"}
+PRESET_TOKENIZERS = {"base": "bpe:1000", "modern": "bpe:1000"}
 
 
 def default_tokenizer(preset: str) -> str:

@@ -91,4 +91,28 @@ def rounding_error(original: torch.Tensor, restored: torch.Tensor) -> dict:
             "relative_rms_error": rms_error / rms if rms else 0.0}
 
 
-BITS_PER_WEIGHT = {"fp32": 32.0, "int8": 8.0, "int8-dynamic": 8.0, "q4_1": Q4_1_BLOCK_BYTES * 8 / Q4_1_BLOCK}
+# ---------------------------------------------------------------------------- smoothing (SmoothQuant)
+#
+# Rounding activations to 8 bits shares one scale across a whole activation vector. A few input
+# channels with huge values (SmolLM2's feed-forward has them) then set that scale, and every other
+# channel is left with a handful of levels. SmoothQuant (Xiao et al., 2022) moves the difficulty
+# from the activations into the weights, where one scale per row absorbs it: for a Linear y = W x,
+#
+#     y = (W · diag(s)) (diag(s)⁻¹ x)          exactly, for any positive s (one per input channel j)
+#
+# so the activations are divided by s_j and column j of W is multiplied by s_j. Choosing
+#     s_j = max|x_j|^α / max|W[:, j]|^(1 - α)        (α = 0.5: half the difficulty each)
+# evens out both ranges. The division by s costs nothing at run time: it is folded into whatever
+# produced x (a norm's weight, or the `up` half of SwiGLU, whose product with the gate is x).
+
+
+def smoothing_scales(activation_max: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """s (in_features,) for a Linear with `weight` (out, in) whose inputs reached `activation_max`
+    (in,) on calibration text: s_j = max|x_j|^alpha / max_i |W_ij|^(1 - alpha)."""
+    weight_max = weight.abs().amax(dim=0).clamp(min=1e-5)  # (in,) the largest weight reading channel j
+    s = activation_max.clamp(min=1e-5).pow(alpha) / weight_max.pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+BITS_PER_WEIGHT = {"fp32": 32.0, "int8": 8.0, "int8-dynamic": 8.0, "int8-smooth": 8.0,
+                   "q4_1": Q4_1_BLOCK_BYTES * 8 / Q4_1_BLOCK}

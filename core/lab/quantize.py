@@ -9,6 +9,11 @@
   are quantized to 8 bits too, one scale per matrix multiply. Faster on a whole prompt, but a
   channel of large activations (SmolLM2's feed-forward has them) costs it accuracy: measured in
   docs/modern-weights.md.
+- `int8_model(model, "smooth", calibration)`: SmoothQuant, then the same dynamic int8: each Linear's
+  hard input channels are divided down (folded into the norm, or SwiGLU's `up` half, before it)
+  and its weight columns multiplied up, with scales measured on a calibration text
+  (`core.gpt.quantize.smoothing_scales`). The same function in fp32; far less rounding error in
+  int8 (measured in docs/modern-weights.md).
 - `q4_1_model(model)`: every Linear weight replaced by what Q4_1 storage would give back
   (`core.gpt.quantize.q4_1_round_trip`): the 4-bit model's numbers, computed in fp32.
 - `compare_precisions(run_id, text)`: per-token loss and tokens/s of the three, for the same text.
@@ -27,14 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.gpt import quantize as Q
-from core.gpt.model import GPT
+from core.gpt.model import GPT, SwiGLU
 from core.lab import gguf
 from core.lab.models import generation_threads, load_model_run
 
-PRECISIONS = ("fp32", "int8", "int8-dynamic", "q4_1")
+PRECISIONS = ("fp32", "int8", "int8-dynamic", "int8-smooth", "q4_1")
 # What the page compares by default: this CPU's int8-weight kernel (weight-only) is slower than fp32
 # and takes minutes on a 135M model's whole text (docs/modern-weights.md), so it is asked for explicitly.
-PAGE_PRECISIONS = ("fp32", "int8-dynamic", "q4_1")
+PAGE_PRECISIONS = ("fp32", "int8-dynamic", "int8-smooth", "q4_1")
 # The fixed paragraph docs/modern-weights.md measures per-token loss on (107 SmolLM2 tokens).
 PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
              "movable metal type, oil-based ink and a wooden screw press into a system that could produce books "
@@ -42,6 +47,15 @@ PARAGRAPH = ("The history of the printing press begins in the fifteenth century,
              "them rare and expensive. Within fifty years, presses were operating in more than two hundred cities, "
              "and millions of volumes had been printed. The new technology spread ideas faster than ever before, "
              "helping to fuel the Renaissance, the Reformation and the scientific revolution.")
+# What smoothing measures the activations on: other text than PARAGRAPH (which the loss is measured
+# on), prose, a chat turn and code, so that no channel meets its first large value at test time.
+CALIBRATION = ("Rivers carve valleys over thousands of years: water carries sand and stones downhill, and each "
+               "flood scrapes the bed a little deeper. Where the rock is soft the valley widens; where it is hard "
+               "the river cuts a narrow gorge and falls in rapids.\n"
+               "<|im_start|>user\nCan you give me three tips for learning a new language?<|im_end|>\n"
+               "<|im_start|>assistant\n1. Practise a little every day. 2. Speak from the first week, mistakes "
+               "and all. 3. Read and listen to things you enjoy.<|im_end|>\n"
+               "def mean(values):\n    return sum(values) / len(values) if values else 0.0\n")
 
 
 def _engine() -> None:
@@ -76,9 +90,67 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def int8_model(model: GPT, mode: str = "weight-only") -> GPT:
+@torch.inference_mode()
+def activation_maxima(model: GPT, ids: list[int]) -> dict[str, torch.Tensor]:
+    """max |x_j| of every input channel j of every Linear layer, over the tokens `ids`."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0)  # (in,)
+            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        model(torch.tensor([ids[: model.config.context_length]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+def _fold_into_norm(norm: nn.Module, linear: nn.Linear, activation_max: torch.Tensor, alpha: float) -> None:
+    """Divide the norm's output channels by s and multiply the Linear's columns by s: same output."""
+    s = Q.smoothing_scales(activation_max, linear.weight, alpha)  # (in,)
+    norm.weight.div_(s)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s)
+    linear.weight.mul_(s)  # (out, in) * (in,): column j times s_j
+
+
+@torch.no_grad()
+def smooth_model(model: GPT, calibration: list[int], alpha: float = 0.5) -> GPT:
+    """A copy of `model` with SmoothQuant's scales folded in: the same function in fp32, with the
+    activations of every smoothed Linear evened out across channels. Smoothed: the attention input
+    projections (from ln_1), the feed-forward input (from ln_2), SwiGLU's output projection (from
+    its `up` half) and the output head (from the final norm; a tied head is untied in the copy)."""
+    out = copy.deepcopy(model).eval()
+    if out.lm_head.weight is out.wte.weight:  # the head gets its own scaled columns; the table stays
+        out.lm_head.weight = nn.Parameter(out.wte.weight.detach().clone())
+    maxima = activation_maxima(out, calibration)
+    for i, block in enumerate(out.blocks):
+        _fold_into_norm(block.ln_1, block.attn.qkv, maxima[f"blocks.{i}.attn.qkv"], alpha)
+        _fold_into_norm(block.ln_2, block.mlp.fc, maxima[f"blocks.{i}.mlp.fc"], alpha)
+        if isinstance(block.mlp, SwiGLU):  # proj reads silu(gate) * up: scale `up` (fc's second half)
+            s = Q.smoothing_scales(maxima[f"blocks.{i}.mlp.proj"], block.mlp.proj.weight, alpha)
+            hidden = block.mlp.proj.in_features
+            block.mlp.fc.weight[hidden:].div_(s.unsqueeze(1))
+            if block.mlp.fc.bias is not None:
+                block.mlp.fc.bias[hidden:].div_(s)
+            block.mlp.proj.weight.mul_(s)
+    _fold_into_norm(out.ln_f, out.lm_head, maxima["lm_head"], alpha)
+    return out
+
+
+def int8_model(model: GPT, mode: str = "weight-only", calibration: list[int] | None = None) -> GPT:
     """A copy of `model` whose Linear layers compute with int8 weights (the original is untouched).
-    mode "weight-only" (activations fp32) or "dynamic" (PyTorch's quantize_dynamic)."""
+    mode "weight-only" (activations fp32), "dynamic" (PyTorch's quantize_dynamic) or "smooth"
+    (SmoothQuant on the `calibration` token ids, then quantize_dynamic)."""
+    if mode == "smooth":
+        if not calibration:
+            raise ValueError("int8 mode 'smooth' needs calibration token ids")
+        return int8_model(smooth_model(model, calibration), "dynamic")
     if mode == "dynamic":
         _engine()
         with warnings.catch_warnings():  # PyTorch points to torchao for new code; these kernels are what we measure
@@ -88,7 +160,7 @@ def int8_model(model: GPT, mode: str = "weight-only") -> GPT:
             spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
             return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), spec, dtype=torch.qint8).eval()
     if mode != "weight-only":
-        raise ValueError(f"int8 mode must be 'weight-only' or 'dynamic', not {mode!r}")
+        raise ValueError(f"int8 mode must be 'weight-only', 'dynamic' or 'smooth', not {mode!r}")
     out = copy.deepcopy(model).eval()
     for name, module in list(out.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -154,10 +226,12 @@ def forward_seconds(model: GPT, n_tokens: int = 256, repeats: int = 3) -> float:
     return best
 
 
-def compare_models(model: GPT, ids: list[int], new_tokens: int = 32, precisions=PRECISIONS) -> list[dict]:
-    """The same text through `model` in each precision: per-token loss and decoding speed."""
+def compare_models(model: GPT, ids: list[int], new_tokens: int = 32, precisions=PRECISIONS,
+                   calibration: list[int] | None = None) -> list[dict]:
+    """The same text through `model` in each precision: per-token loss and decoding speed.
+    `calibration`: the token ids int8-smooth measures its activations on (default: `ids` themselves)."""
     build = {"fp32": lambda m: m.eval(), "int8": int8_model, "int8-dynamic": lambda m: int8_model(m, "dynamic"),
-             "q4_1": q4_1_model}
+             "int8-smooth": lambda m: int8_model(m, "smooth", calibration or ids), "q4_1": q4_1_model}
     rows, reference = [], None
     for precision in precisions:
         variant = build[precision](model)
@@ -179,7 +253,7 @@ def compare_precisions(run_id: str, text: str, new_tokens: int = 32, precisions=
     ids = tokenizer.encode(text)[: model.config.context_length]
     if len(ids) < 2:
         raise gguf.GGUFError("The text is too short: it needs at least two tokens to score the second.")
-    return compare_models(model, ids, new_tokens, precisions)
+    return compare_models(model, ids, new_tokens, precisions, calibration=tokenizer.encode(CALIBRATION))
 
 
 def q4_1_lesson(path, tensor: str = "blk.0.attn_q.weight") -> dict:
