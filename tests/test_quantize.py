@@ -180,3 +180,23 @@ def test_smoothing_rescues_int8_from_an_outlier_channel():
     assert error(smooth) < 0.5 * error(dynamic)
     with pytest.raises(ValueError, match="calibration"):
         LQ.int8_model(model, "smooth")
+
+
+def test_token_groups_give_a_huge_token_its_own_activation_scale():
+    """One token 1000x larger than the rest (Llama-family models have them): with one scale for all
+    rows the others are rounded to almost nothing; grouped by size they keep their precision. A
+    single row (a decoding step) is the plain quantized call."""
+    LQ._engine()
+    linear = torch.nn.Linear(64, 32)
+    quantized = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
+                                                       dtype=torch.qint8)[0]
+    grouped = LQ.TokenGroupedInt8(quantized)
+    x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(8))
+    x[0, 0] *= 1000.0
+    with torch.no_grad():
+        exact = linear(x)
+        one_scale, by_group = quantized(x), grouped(x)
+        assert torch.equal(grouped(x[:, 1:2]), quantized(x[:, 1:2]))
+    error = lambda y: (y[0, 1:] - exact[0, 1:]).abs().mean().item()  # noqa: E731  the ordinary tokens
+    assert by_group.shape == exact.shape and error(by_group) < 0.1 * error(one_scale)
+    assert isinstance(LQ.int8_model(smolish(), "smooth", list(range(20))).blocks[0].mlp.proj, LQ.TokenGroupedInt8)
