@@ -124,7 +124,8 @@ def history_panel(run_id: str, key: str) -> None:
         for line in listed["skipped"]:
             st.warning(line, icon="⚠️")
         if not listed["steps"] and not listed["has_weights"]:
-            st.caption("The time slider appears once the run has saved weights.")
+            if not listed["note"]:  # a note has already said why there is nothing to travel through
+                st.caption("The time slider appears once the run has saved weights.")
             return
         steps = listed["steps"] or [None]
         if len(steps) > 1:
