@@ -191,7 +191,7 @@ if st.button("Import", key="import_go"):
         if not source_folder:
             raise GlassBoxError("Type the folder that holds config.json and model.safetensors.")
         with st.spinner("Importing…"):
-            result = importer.import_gpt2(source_folder, import_id.strip())
+            result = importer.import_from_app(source_folder, import_id.strip())
         st.success(f"Imported {result['parameters']:,} parameters as run '{result['run_id']}'. "
                    "Pick it under 'A run on disk' above.")
     except GlassBoxError as e:

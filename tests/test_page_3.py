@@ -95,17 +95,26 @@ def test_generate_from_the_untrained_model_and_from_a_run():
     assert any("microscope" in h.value.lower() for h in at.subheader)  # the run can be watched deciding
 
 
-def test_import_a_gpt2_folder_into_the_run_store(tmp_path):
+def test_import_a_gpt2_folder_into_the_run_store(tmp_path, monkeypatch):
     from core.lab.gpt2 import save_hf_gpt2
     from core.gpt.tokenizers import train_char
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=40, context_length=16, n_embd=16, n_head=2, n_layer=1))
     save_hf_gpt2(model, tmp_path / "folder", tokenizer=train_char("abc def"))
+    save_hf_gpt2(model, tmp_path / "elsewhere" / "folder", tokenizer=train_char("abc def"))
+    monkeypatch.setenv("GLASSBOX_IMPORT_DIRS", str(tmp_path / "folder"))
     at = page()
-    at.text_input(key="import_folder").set_value(str(tmp_path / "missing")).run()
+    messages = []
+    for outside in (tmp_path / "elsewhere" / "folder", tmp_path / "missing", "~root", tmp_path / "folder" / ".." / "elsewhere"):
+        at.text_input(key="import_folder").set_value(str(outside)).run()
+        button(at, "import_go").click().run()
+        messages.append([e.value for e in at.error])
+    assert all(m == messages[0] and len(m) == 1 for m in messages)  # one message, whatever is there
+    assert "folders this server allows" in messages[0][0] and "elsewhere" not in messages[0][0]
+    at.text_input(key="import_folder").set_value(str(tmp_path / "folder" / "missing")).run()
     button(at, "import_go").click().run()
-    assert any("not a folder" in e.value for e in at.error)
+    assert any("not a folder" in e.value for e in at.error)  # inside an allowed folder: the real reason
     at.text_input(key="import_folder").set_value(str(tmp_path / "folder")).run()
     at.text_input(key="import_run_id").set_value("imported").run()
     button(at, "import_go").click().run()

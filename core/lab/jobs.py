@@ -32,7 +32,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.lab import cli, runs
+from core.lab import cli, limits, runs
 from core.gpt.errors import GlassBoxError
 from core.lab.errors import JobError, RunError
 from core.lab.paths import REPO_ROOT, checkpoints_dir
@@ -122,6 +122,7 @@ def start_stage(command: str, settings, run_id: str, env: dict[str, str] | None 
     The job's command line is written from the settings dataclass (`core.lab.cli.to_argv`), so no
     page builds one by hand, and `--run-id` is the job's own run id.
     """
+    limits.check_job_budget(settings)  # a shared server's longest job (core/lab/limits.py)
     argv = [command] + cli.to_argv(settings)
     if "--run-id" not in argv:
         argv += ["--run-id", run_id]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.gpt import quantize as Q
 from core.gpt.errors import GlassBoxError
-from core.lab import gguf, jobs, runs
+from core.lab import gguf, jobs, limits, runs
 from core.lab import quantize as LQ
 from core.lab.cli import option
 from core.lab.errors import RunExistsError
@@ -93,6 +93,12 @@ def run(settings: Settings, progress=None) -> dict:
     if kind == "llama":
         return import_llama(path, run_id, progress=say)
     return import_gpt2(path, run_id, progress=say)
+
+
+def import_from_app(folder: str, run_id: str) -> dict:
+    """The page's import of a GPT-2 folder: only from a folder the server allows (core.lab.limits),
+    refused with one message that says nothing about the path."""
+    return import_gpt2(limits.check_import_path(folder), run_id)
 
 
 def print_progress(record: dict) -> None:
