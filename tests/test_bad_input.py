@@ -260,11 +260,13 @@ def test_page_2_sentence():
     assert not at.error  # a good sentence after bad ones: the page recovers
 
 
-def test_page_3_import_folder(tmp_path):
+def test_page_3_import_folder(tmp_path, monkeypatch):
     hf_folder(tmp_path, {"config.json": SMALL_HF_CONFIG, "pytorch_model.bin": b"\x80\x04pickle"})
     (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("GLASSBOX_IMPORT_DIRS", str(tmp_path))  # the folders this server lets the app read
     at = page("3_Architecture.py")
-    for folder, words in [("", "Type the folder"), ("/no/such/folder", "/no/such/folder"),
+    for folder, words in [("", "Type the folder"), ("/no/such/folder", "folders this server allows"),
+                          (str(tmp_path / "no-such-folder"), "no-such-folder is not a folder"),
                           (str(tmp_path / "empty"), "config.json"), (str(tmp_path / "gpt2"), "never unpickled")]:
         at.text_input(key="import_folder").set_value(folder).run()
         at.button(key="import_go").click().run()
