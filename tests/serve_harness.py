@@ -4,15 +4,10 @@ that talk to it with the openai client or run stage 7 against it)."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.fake_openai_server import free_port  # noqa: F401  (test_serve imports it from here too)
 
 
 @contextlib.contextmanager

@@ -181,6 +181,17 @@ def _group_tokens(model: nn.Module) -> nn.Module:
     return model
 
 
+def _quantize_dynamic(model: GPT) -> GPT:
+    """PyTorch's dynamic int8 (fbgemm) on every Linear of `model`, in place."""
+    _engine()
+    with warnings.catch_warnings():  # PyTorch points to torchao for new code; these kernels are what we measure
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # One scale per output row: with one scale for a whole matrix, the output head's few
+        # large rows crush the others to a handful of levels (SmolLM2: +1.5 nats a token).
+        spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+        return torch.ao.quantization.quantize_dynamic(model.eval(), spec, dtype=torch.qint8, inplace=True).eval()
+
+
 def int8_model(model: GPT, mode: str = "weight-only", calibration: list[int] | None = None) -> GPT:
     """A copy of `model` whose Linear layers compute with int8 weights (the original is untouched).
     mode "weight-only" (activations fp32), "dynamic" (PyTorch's quantize_dynamic) or "smooth"
@@ -188,15 +199,9 @@ def int8_model(model: GPT, mode: str = "weight-only", calibration: list[int] | N
     if mode == "smooth":
         if not calibration:
             raise ValueError("int8 mode 'smooth' needs calibration token ids")
-        return _group_tokens(int8_model(smooth_model(model, calibration), "dynamic"))
+        return _group_tokens(_quantize_dynamic(smooth_model(model, calibration)))  # smooth_model made the copy
     if mode == "dynamic":
-        _engine()
-        with warnings.catch_warnings():  # PyTorch points to torchao for new code; these kernels are what we measure
-            warnings.simplefilter("ignore", DeprecationWarning)
-            # One scale per output row: with one scale for a whole matrix, the output head's few
-            # large rows crush the others to a handful of levels (SmolLM2: +1.5 nats a token).
-            spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
-            return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), spec, dtype=torch.qint8).eval()
+        return _quantize_dynamic(copy.deepcopy(model))
     if mode != "weight-only":
         raise ValueError(f"int8 mode must be 'weight-only', 'dynamic' or 'smooth', not {mode!r}")
     out = copy.deepcopy(model).eval()

@@ -130,11 +130,6 @@ def _start_model(settings: Settings):
     return model, tokenizer, lora_info
 
 
-def snapshot_info(model, lora_info: dict | None, probe: str) -> dict:
-    """The time slider's snapshots (pages 4-6): see core.lab.snapshots.default_budget."""
-    return snapshots.default_budget(model, bool(lora_info), probe)
-
-
 def _answers_of_start(run_id, model, tokenizer, test, settings, say) -> list[ins.Answer]:
     """The starting model on the test split (kept, so a resumed run needn't redo it)."""
     base_file = runs.run_dir(run_id) / BASE_ANSWERS_FILE
@@ -179,7 +174,8 @@ def run(settings: Settings, progress=None, train_config: TrainConfig | None = No
     run_config = {"from": settings.start, "instruct": settings.recorded(), "train": config.to_dict(),
                   "model": model.config.to_dict(), "tokenizer": getattr(tokenizer, "kind", None),
                   "splits": {name: len(part) for name, part in splits.items()}, "lora": lora_info,
-                  "snapshots": snapshot_info(model, lora_info, ins.format_prompt(splits["val"][0]))}
+                  "snapshots": snapshots.default_budget(model, bool(lora_info),
+                                                        ins.format_prompt(splits["val"][0]))}
     runs.create_run(settings.run_id, "instruct", run_config, parent=settings.start, resume=settings.resume)
     folder = runs.run_dir(settings.run_id)
     save_tokenizer(tokenizer, folder / "tokenizer.json")

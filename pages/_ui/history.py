@@ -3,8 +3,9 @@
     history_panel(run_id, key="pt_history")
 
 For the chosen snapshot it redraws a sample continuing a fixed prompt and the per-token loss of that
-text (for a classifier: its verdict on a fixed message, after each of its tokens), an attention map, the embedding map (PCA of the token embeddings, with a search box and the
-nearest neighbours by cosine) and the position embeddings' similarity. While the run's job is
+text (for a classifier: its verdict on a fixed message, after each of its tokens), an attention map,
+the embedding map (PCA of the token embeddings, with a search box and the nearest neighbours by
+cosine) and the position embeddings' similarity. While the run's job is
 active, the panel re-lists the snapshots every few seconds, so new steps appear on the slider.
 """
 
