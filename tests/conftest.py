@@ -26,7 +26,8 @@ def isolated_workspace(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     # Every test's stand-in judge listens on 127.0.0.1; the refusal tests delete this again.
     monkeypatch.setenv("GLASSBOX_JUDGE_ALLOW_HOSTS", "loopback")
-    for name in ("GLASSBOX_JUDGE_ENDPOINTS", "GLASSBOX_JUDGE_KEY_URL", "GLASSBOX_JUDGE_API_KEY"):
+    for name in ("GLASSBOX_JUDGE_ENDPOINTS", "GLASSBOX_JUDGE_KEY_URL", "GLASSBOX_JUDGE_API_KEY",
+                 "GLASSBOX_CLASSROOM", "GLASSBOX_TEACHER_KEY", "GLASSBOX_SETTINGS", "GLASSBOX_MAX_JOBS_PER_LEARNER"):
         monkeypatch.delenv(name, raising=False)
     _clear_streamlit_caches()
     yield {"checkpoints": checkpoints, "downloads": downloads, "shared": SHARED_DATA}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from core.lab.errors import DataError
+from core.lab import learners
 from core.lab.paths import downloads_dir, search_dirs
 from core.lab.runs import write_bytes_atomic
 
@@ -180,7 +181,8 @@ def locate(name: str) -> Path:
     raise DataError(f"Data source {name!r} is not on this machine. " + how_to_supply(source))
 
 
-def list_sources() -> list[dict]:
+def list_sources(owner: str | None = None, everyone: bool = True) -> list[dict]:
+    """The registry's sources, then the uploads (`owner`'s first; see `list_uploads`)."""
     rows = []
     for source in SOURCES.values():
         path = find(source.name)
@@ -195,7 +197,7 @@ def list_sources() -> list[dict]:
             "origin": source.origin,
             "url": source.url,
         })
-    for upload in list_uploads():
+    for upload in list_uploads(owner, everyone):
         rows.append(upload)
     return rows
 
@@ -264,16 +266,29 @@ def _uploads_dir() -> Path:
     return downloads_dir() / "uploads"
 
 
-def _upload_path(filename: str) -> Path:
+def _upload_path(filename: str, owner: str | None = None) -> Path:
+    """Where an upload lives: `uploads/<name>`, or a learner's `uploads/<learner>/<name>` (also
+    named as `<learner>/<name>`, the way its source name `upload:<learner>/<name>` says)."""
+    if owner is None and filename.count("/") == 1:
+        owner, filename = filename.split("/")
     folder = _uploads_dir().resolve()
+    if owner is not None:
+        try:
+            folder = folder / learners.learner_name(owner)
+        except learners.LearnerError:
+            raise DataError(f"{filename!r} is not a usable file name.") from None
     path = (folder / safe_filename(filename)).resolve()
     if path.parent != folder:  # a symlink or a trick name pointing elsewhere
         raise DataError(f"{filename!r} is not a usable file name.")
     return path
 
 
-def save_upload(filename: str, data: bytes) -> str:
-    """Validate an uploaded text file and store it; returns its source name `upload:<name>`."""
+def save_upload(filename: str, data: bytes, owner: str | None = None) -> str:
+    """Validate an uploaded text file and store it; returns its source name `upload:<name>`.
+
+    A learner's upload (`owner`) goes into their own folder, `upload:<learner>/<name>`: another
+    learner's file of the same name is never replaced. A file name the learner used before is
+    replaced only in their own folder."""
     if not isinstance(filename, str):
         raise DataError("An upload needs a file name.")
     if not isinstance(data, (bytes, bytearray)):  # e.g. text pasted where a file's bytes belong
@@ -284,22 +299,41 @@ def save_upload(filename: str, data: bytes) -> str:
             f"{filename!r} is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB."
         )
     decode_text(data, f"The upload {filename!r}")
-    path = _upload_path(filename)
+    if owner is not None and "/" in filename:
+        filename = filename.rsplit("/", 1)[1]
+    path = _upload_path(filename, owner=owner)
+    if path.parent.is_symlink():
+        raise DataError(f"The uploads folder of {owner!r} is a link; it must be a real folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, data)
-    return f"upload:{path.name}"
+    return f"upload:{owner + '/' if owner else ''}{path.name}"
 
 
-def list_uploads() -> list[dict]:
+def _upload_rows(folder: Path, prefix: str) -> list[dict]:
+    return [
+        {"name": f"upload:{prefix}{p.name}", "kind": "text", "path": str(p), "available": True,
+         "bytes": p.stat().st_size, "description": "uploaded file", "licence": "yours",
+         "origin": "upload", "url": None, "owner": prefix.rstrip("/") or None}
+        for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
+    ]
+
+
+def list_uploads(owner: str | None = None, everyone: bool = True) -> list[dict]:
+    """Uploads: `owner`'s own first, then the shared ones (no owner), then, with `everyone`,
+    other learners' (readable by all: a source name is enough to train on it, never to change it)."""
     folder = _uploads_dir()
     if not folder.is_dir():
         return []
-    return [
-        {"name": f"upload:{p.name}", "kind": "text", "path": str(p), "available": True,
-         "bytes": p.stat().st_size, "description": "uploaded file", "licence": "yours",
-         "origin": "upload", "url": None}
-        for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
-    ]
+    learner_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+    own = [p for p in learner_dirs if p.name == owner]
+    others = [p for p in learner_dirs if p.name != owner] if everyone or owner is None else []
+    rows = []
+    for p in own:
+        rows += _upload_rows(p, p.name + "/")
+    rows += _upload_rows(folder, "")
+    for p in others:
+        rows += _upload_rows(p, p.name + "/")
+    return rows
 
 
 # ---------------------------------------------------------------------------- downloads

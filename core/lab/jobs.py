@@ -29,10 +29,11 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.lab import cli, limits, runs
+from core.lab import cli, learners, limits, runs
 from core.gpt.errors import GlassBoxError
 from core.lab.errors import JobError, RunError
 from core.lab.paths import REPO_ROOT, checkpoints_dir
@@ -62,6 +63,7 @@ class JobState:
     argv: list[str] = field(default_factory=list)
     log_tail: str = ""
     updated_ts: float | None = None
+    owner: str | None = None  # the learner who started it (None: a terminal, or off a classroom)
 
     @property
     def active(self) -> bool:
@@ -101,22 +103,30 @@ def _spawn(run_id: str, env: dict[str, str] | None) -> subprocess.Popen:
     return proc
 
 
-def start_job(argv: list[str], run_id: str, env: dict[str, str] | None = None) -> JobState:
+def start_job(argv: list[str], run_id: str, env: dict[str, str] | None = None,
+              owner: str | None = None) -> JobState:
     """Start `python -m core <argv>` as a background job writing into run `run_id`.
 
     `env` adds variables to the child's environment only (an API key travels this way: it is
-    never written to job.json, status.json or the log).
+    never written to job.json, status.json or the log). `owner` is the learner starting it: the
+    job and its run are theirs, within their quota of jobs (core/lab/limits.py).
     """
     if not argv:
         raise JobError("No command given for the job.")
-    runs.reserve_run(run_id)  # raises RunExistsError: one of two same-name starts wins
+    with _quota_lock():  # two clicks at once cannot both pass the quota
+        if owner is not None:
+            owner = learners.learner_name(owner)
+            limits.check_job_quota(owner, [s.owner for s in active_jobs()])
+        runs.reserve_run(run_id)  # raises RunExistsError: one of two same-name starts wins
+        learners.set_owner(run_id, owner)
     runs.write_json_atomic(runs.run_dir(run_id) / "job.json",
                            {"argv": list(argv), "created": time.time()})
     _spawn(run_id, env)
     return job_state(run_id)
 
 
-def start_stage(command: str, settings, run_id: str, env: dict[str, str] | None = None) -> JobState:
+def start_stage(command: str, settings, run_id: str, env: dict[str, str] | None = None,
+                owner: str | None = None) -> JobState:
     """Start stage `command` (`python -m core <command>`) with its typed `settings` as a job.
 
     The job's command line is written from the settings dataclass (`core.lab.cli.to_argv`), so no
@@ -126,11 +136,14 @@ def start_stage(command: str, settings, run_id: str, env: dict[str, str] | None 
     argv = [command] + cli.to_argv(settings)
     if "--run-id" not in argv:
         argv += ["--run-id", run_id]
-    return start_job(argv, run_id, env=env)
+    return start_job(argv, run_id, env=env, owner=owner)
 
 
-def resume_job(run_id: str, env: dict[str, str] | None = None) -> JobState:
-    """Run a stopped or failed job's command again with --resume (it continues from its checkpoint)."""
+def resume_job(run_id: str, env: dict[str, str] | None = None,
+               actor: learners.Actor | None = None) -> JobState:
+    """Run a stopped or failed job's command again with --resume (it continues from its checkpoint).
+    `actor`, when given, must be the run's owner or the teacher."""
+    learners.check_may_change(run_id, actor, "resume")
     state = job_state(run_id)
     if state.active:
         raise JobError(f"Run {run_id!r} is still {state.state}; stop it before resuming.")
@@ -147,8 +160,10 @@ def resume_job(run_id: str, env: dict[str, str] | None = None) -> JobState:
     return job_state(run_id)
 
 
-def stop_job(run_id: str, force: bool = False) -> JobState:
-    """Ask a job to stop: it saves a checkpoint and ends. `force` kills it at once."""
+def stop_job(run_id: str, force: bool = False, actor: learners.Actor | None = None) -> JobState:
+    """Ask a job to stop: it saves a checkpoint and ends. `force` kills it at once. `actor`, when
+    given, must be the run's owner or the teacher."""
+    learners.check_may_change(run_id, actor, "stop")
     state = job_state(run_id)
     if not state.active:
         return state
@@ -165,6 +180,14 @@ def stop_job(run_id: str, force: bool = False) -> JobState:
         runs.write_status(run_id, "stopped", only_from=ACTIVE_STATES,
                           message="Killed; the last checkpoint is kept.")
     return job_state(run_id)
+
+
+def delete_run(run_id: str, actor: learners.Actor | None = None) -> None:
+    """Delete a run and everything in it: only its owner or the teacher, and never while its job runs."""
+    learners.check_may_change(run_id, actor, "delete")
+    if job_state(run_id).active:
+        raise JobError(f"Run {run_id!r} is still running; stop it before deleting it.")
+    runs.delete_run(run_id)
 
 
 # ---------------------------------------------------------------------------- watching
@@ -218,7 +241,7 @@ def job_state(run_id: str) -> JobState:
     state = JobState(
         run_id=run_id, state=status.get("state", "unknown"), message=status.get("message", ""),
         pid=status.get("pid"), error=status.get("error"), result=status.get("result"),
-        argv=argv, updated_ts=status.get("updated_ts"),
+        argv=argv, updated_ts=status.get("updated_ts"), owner=learners.owner_of(run_id),
     )
     state.alive = _alive(state.pid, status.get("pid_start"))
     stale_reservation = state.state == "reserved" and not state.pid and (
@@ -257,6 +280,13 @@ def active_jobs() -> list[JobState]:
 
 
 # ---------------------------------------------------------------------------- the child side
+
+
+@contextmanager
+def _quota_lock():
+    with open(_slot_dir() / "quota.lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def _slot_dir() -> Path:

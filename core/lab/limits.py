@@ -9,6 +9,10 @@ Set by environment variables when the app is started (README, "Serving a classro
 | `GLASSBOX_MAX_JOB_TOKENS` | 200000000 | its tokens budget (pre-training) |
 | `GLASSBOX_IMPORT_DIRS` | none | folders the app's import may read besides the downloads folder (`os.pathsep` between them) |
 | `GLASSBOX_MAX_JOBS` | 1 | jobs running at once; the others queue (`core.lab.jobs`) |
+| `GLASSBOX_MAX_JOBS_PER_LEARNER` | 2 | jobs one learner may have running or queued (`jobs.start_job`) |
+
+The same settings can be written in `.streamlit/classroom.toml` (`core.lab.server_settings`); a
+variable set in the shell wins over the file.
 
 They bind what the app starts (`jobs.start_stage`, the page's import); a person at a terminal runs
 `python -m core` as themselves and is not limited.
@@ -23,7 +27,8 @@ from pathlib import Path
 from core.lab.errors import JobError
 from core.lab.paths import downloads_dir
 
-DEFAULTS = {"GLASSBOX_MAX_JOB_MINUTES": 120.0, "GLASSBOX_MAX_JOB_STEPS": 20_000, "GLASSBOX_MAX_JOB_TOKENS": 200_000_000}
+DEFAULTS = {"GLASSBOX_MAX_JOB_MINUTES": 120.0, "GLASSBOX_MAX_JOB_STEPS": 20_000, "GLASSBOX_MAX_JOB_TOKENS": 200_000_000,
+            "GLASSBOX_MAX_JOBS_PER_LEARNER": 2}
 BUDGET_FIELDS = (("minutes", "GLASSBOX_MAX_JOB_MINUTES", "minutes"), ("steps", "GLASSBOX_MAX_JOB_STEPS", "steps"),
                  ("tokens", "GLASSBOX_MAX_JOB_TOKENS", "tokens"))
 IMPORT_REFUSED = ("The app imports only from the folders this server allows (GLASSBOX_IMPORT_DIRS; by default "
@@ -50,6 +55,14 @@ def check_job_budget(settings) -> None:
         if asked is not None and asked > limit(name):
             raise JobError(f"This server allows at most {limit(name):,g} {unit} per job (you asked for "
                            f"{asked:,g}); set by {name}. Ask for less, or run it from a terminal.")
+
+
+def check_job_quota(owner: str | None, active_owners: list[str | None]) -> None:
+    """Refuse a learner's new job when they already have the most jobs running or queued."""
+    most = int(limit("GLASSBOX_MAX_JOBS_PER_LEARNER"))
+    if owner is not None and sum(o == owner for o in active_owners) >= most:
+        raise JobError(f"You already have {most} job(s) running or queued, the most this server allows "
+                       "one learner (GLASSBOX_MAX_JOBS_PER_LEARNER). Wait for one to end, or stop one.")
 
 
 def import_dirs() -> list[Path]:

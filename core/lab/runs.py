@@ -39,6 +39,7 @@ from core.lab.paths import checkpoints_dir
 JOB_RUN_ID_ENV = "GLASSBOX_JOB_RUN_ID"  # set inside a background job: the run it may take over
 STARTED_IN_THIS_PROCESS: list[str] = []  # runs this process created outside a job
 _command_line = False  # True in `python -m core`: see started_from_command_line()
+OWNER_FILE = "owner.json"  # {"owner": learner}: who made the run on a classroom server (core.lab.learners)
 STAGES = ("tokenizer", "import", "pretrain", "classify", "instruct", "judge", "prefer")
 TERMINAL_STATES = ("stopped", "finished", "failed")
 
@@ -314,13 +315,16 @@ def started_from_command_line(on: bool = True) -> None:
 
 
 @contextmanager
-def quick_run(run_id: str, stage: str, config: dict, parent: str | None = None):
+def quick_run(run_id: str, stage: str, config: dict, parent: str | None = None, owner: str | None = None):
     """Create a run that is written at once, in this process (a tokeniser, an import).
 
     On success its status says finished; on any error the half-written folder is removed, so a
-    failure partway never leaves a "running" job in every sidebar. Yields the new `Run`.
+    failure partway never leaves a "running" job in every sidebar. Yields the new `Run`. `owner`
+    (a learner's checked name, `core.lab.learners`) is recorded before anything else is written.
     """
     run = create_run(run_id, stage, config, parent=parent)
+    if owner is not None:
+        write_json_atomic(run.path / OWNER_FILE, {"owner": owner})
     try:
         yield run
     except BaseException:

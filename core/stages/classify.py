@@ -371,8 +371,8 @@ def print_progress(record: dict) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def start(settings: Settings, run_id: str):
-    return jobs.start_stage(COMMAND, settings, run_id)
+def start(settings: Settings, run_id: str, owner: str | None = None):
+    return jobs.start_stage(COMMAND, settings, run_id, owner=owner)
 
 
 # ---------------------------------------------------------------------------------- for the page

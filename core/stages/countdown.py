@@ -30,8 +30,8 @@ class Settings:
             raise GlassBoxError("countdown needs --run-id.")
 
 
-def start(settings: Settings, run_id: str):
-    return jobs.start_stage(COMMAND, settings, run_id)
+def start(settings: Settings, run_id: str, owner: str | None = None):
+    return jobs.start_stage(COMMAND, settings, run_id, owner=owner)
 
 
 def run(args: Settings, progress=None) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.gpt import quantize as Q
 from core.gpt.errors import GlassBoxError
-from core.lab import gguf, jobs, limits, runs
+from core.lab import gguf, jobs, learners, limits, runs
 from core.lab import quantize as LQ
 from core.lab.cli import option
 from core.lab.errors import RunExistsError
@@ -95,10 +95,13 @@ def run(settings: Settings, progress=None) -> dict:
     return import_gpt2(path, run_id, progress=say)
 
 
-def import_from_app(folder: str, run_id: str) -> dict:
+def import_from_app(folder: str, run_id: str, owner: str | None = None) -> dict:
     """The page's import of a GPT-2 folder: only from a folder the server allows (core.lab.limits),
-    refused with one message that says nothing about the path."""
-    return import_gpt2(limits.check_import_path(folder), run_id)
+    refused with one message that says nothing about the path. The run is `owner`'s (a learner)."""
+    owner = learners.learner_name(owner) if owner is not None else None
+    result = import_gpt2(limits.check_import_path(folder), run_id)
+    learners.set_owner(run_id, owner)  # until this line only the teacher may change it: safe
+    return result
 
 
 def print_progress(record: dict) -> None:
@@ -119,8 +122,8 @@ def _download_printer():
     return progress
 
 
-def start(settings: Settings, run_id: str):
-    return jobs.start_stage(COMMAND, settings, run_id)
+def start(settings: Settings, run_id: str, owner: str | None = None):
+    return jobs.start_stage(COMMAND, settings, run_id, owner=owner)
 
 
 # ---------------------------------------------------------------------------- readers for the pages

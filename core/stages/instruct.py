@@ -243,8 +243,8 @@ def describe_progress(message) -> str:
     return "  ".join(parts)
 
 
-def start(settings: Settings, run_id: str):
-    return jobs.start_stage(COMMAND, settings, run_id)
+def start(settings: Settings, run_id: str, owner: str | None = None):
+    return jobs.start_stage(COMMAND, settings, run_id, owner=owner)
 
 
 # ---------------------------------------------------------------------------------- for the page

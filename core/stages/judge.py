@@ -314,11 +314,11 @@ def check_endpoint(base_url: str, model: str, typed_key: str = "", timeout: floa
     return test_connection(settings)
 
 
-def start(settings: Settings, run_id: str, typed_key: str = ""):
+def start(settings: Settings, run_id: str, typed_key: str = "", owner: str | None = None):
     """A background judge job; its environment carries exactly the key chosen for its URL."""
     check_base_url(settings.base_url)  # refused hosts fail here, before a job slot is taken
     return jobs.start_stage(COMMAND, settings, run_id,
-                            env=judge_settings.job_env(key_for(settings.base_url, typed_key)))
+                            env=judge_settings.job_env(key_for(settings.base_url, typed_key)), owner=owner)
 
 
 def resume_env(run_id: str, form_url: str, typed_key: str) -> dict:

@@ -279,9 +279,9 @@ def _answer_side_by_side(run_id, model, reference, tokenizer, records, s: Settin
     runs.write_json_atomic(runs.run_dir(run_id) / RESPONSES_FILE, rows)
 
 
-def start(settings: Settings, run_id: str):
+def start(settings: Settings, run_id: str, owner: str | None = None):
     """Start DPO as a background job (what the page's button does)."""
-    return jobs.start_stage(COMMAND, settings, run_id)
+    return jobs.start_stage(COMMAND, settings, run_id, owner=owner)
 
 
 # ---------------------------------------------------------------------------- what the page reads

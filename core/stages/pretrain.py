@@ -158,6 +158,13 @@ def run(settings: Settings, progress=print_progress) -> dict:
         if stored.get("stage") != "pretrain":
             raise TrainingError(f"Run {run_id!r} is a {stored.get('stage')} run, not a pre-training run.")
     data_name, text, tokenizer, spec, preset, val_fraction, model_config, config = _prepare(settings, run_id, stored)
+    corpus_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    if stored and stored.get("data_sha256") not in (None, corpus_sha256):
+        # On a shared server an upload can be replaced between stop and resume: training on a
+        # different text would silently mix two corpora in one run.
+        raise TrainingError(f"The corpus {data_name!r} has changed since run {run_id!r} started (sha256 "
+                            f"{stored['data_sha256'][:12]}…, now {corpus_sha256[:12]}…): resuming would train "
+                            "on a different text. Start a new run instead.")
     cache_dir = None
     if spec not in ("char", "word", "gpt2") and not spec.startswith("bpe"):
         cache_dir = runs.run_dir(spec)  # a stage-1 run: keep its encoded corpora there
@@ -178,7 +185,7 @@ def run(settings: Settings, progress=print_progress) -> dict:
             runs.update_config(run_id, train=config.to_dict(), snapshots=snap)
         else:
             runs.create_run(run_id, "pretrain", {
-                "data": data_name, "tokenizer": spec, "tokenizer_kind": tokenizer.kind,
+                "data": data_name, "data_sha256": corpus_sha256, "tokenizer": spec, "tokenizer_kind": tokenizer.kind,
                 "vocab_size": tokenizer.vocab_size, "preset": preset, "val_fraction": val_fraction,
                 "corpus_tokens": len(ids), "model": model_config.to_dict(), "train": config.to_dict(),
                 "world_size": world, "snapshots": snap}, parent=spec if cache_dir is not None else None)
@@ -243,9 +250,9 @@ def disk_bytes(path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def start(settings: Settings, run_id: str):
+def start(settings: Settings, run_id: str, owner: str | None = None):
     """Start pre-training as a background job (what page 4's button does)."""
-    return jobs.start_stage(COMMAND, settings, run_id)
+    return jobs.start_stage(COMMAND, settings, run_id, owner=owner)
 
 
 # ---------------------------------------------------------------------------- what page 4 reads
@@ -308,10 +315,10 @@ def run_ids() -> list[str]:
     return [r.id for r in runs.list_runs("pretrain") if not r.error]
 
 
-def corpora() -> list[str]:
-    """Text sources on this machine (python-docs is always there)."""
+def corpora(owner: str | None = None, everyone: bool = True) -> list[str]:
+    """Text sources on this machine (python-docs is always there); `owner`'s uploads first."""
     try:
-        names = [s["name"] for s in data.list_sources()
+        names = [s["name"] for s in data.list_sources(owner, everyone)
                  if s.get("kind") == "text" and (s.get("available") or s["name"] == "python-docs")]
     except GlassBoxError:
         names = []

@@ -14,7 +14,7 @@ from pathlib import Path
 from core.gpt import dataset
 from core.gpt import tokenizers as tok
 from core.gpt.errors import GlassBoxError, TokenizerError
-from core.lab import data, runs
+from core.lab import data, learners, runs
 from core.lab.cli import option
 from core.lab.errors import RunExistsError
 from core.lab.tokenizer_files import TOKENIZER_FILE, gpt2_tokenizer, load_tokenizer, save_tokenizer
@@ -62,9 +62,10 @@ def _merge_reporter(progress):
     return report
 
 
-def run(settings: Settings, progress=None, trained: tok.Tokenizer | None = None) -> dict:
+def run(settings: Settings, progress=None, trained: tok.Tokenizer | None = None, owner: str | None = None) -> dict:
     """Train (or take the page's ``trained`` tokeniser), then write the run through the run store:
-    config.json, tokenizer.json, status finished. A taken run id is refused before any training."""
+    config.json, tokenizer.json, status finished. A taken run id is refused before any training.
+    `owner`: the learner saving it from the page (core.lab.learners)."""
     run_id = runs.validate_run_id(settings.run_id) if settings.run_id else runs.new_run_id("tokenizer")
     if (runs.run_dir(run_id) / "config.json").exists():
         raise RunExistsError(f"A run named {run_id!r} already exists: choose another name.")
@@ -81,7 +82,8 @@ def run(settings: Settings, progress=None, trained: tok.Tokenizer | None = None)
     config = {"tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "data": settings.data,
               "requested_vocab_size": settings.vocab_size, "corpus_characters": len(text),
               "corpus_tokens": len(ids)}
-    with runs.quick_run(run_id, "tokenizer", config) as created:
+    owner = learners.learner_name(owner) if owner is not None else None
+    with runs.quick_run(run_id, "tokenizer", config, owner=owner) as created:
         save_tokenizer(tokenizer, created.path / TOKENIZER_FILE)
     return {"run_id": run_id, "vocab_size": tokenizer.vocab_size, "tokens": len(ids),
             "chars_per_token": round(tok.chars_per_token(text, ids), 4),
@@ -115,8 +117,10 @@ def results(run_id: str) -> dict:
 # ---------------------------------------------------------------------------- what page 1 reads
 
 
-def text_sources() -> list[str]:
-    return [s["name"] for s in data.list_sources() if s.get("kind") == "text" and s.get("available")]
+def text_sources(owner: str | None = None, everyone: bool = True) -> list[str]:
+    """Text sources on this machine; `owner`'s uploads first (core.lab.data.list_uploads)."""
+    return [s["name"] for s in data.list_sources(owner, everyone)
+            if s.get("kind") == "text" and s.get("available")]
 
 
 def merges_table(tokenizer: tok.BPETokenizer, limit: int = 20) -> list[dict]:
