@@ -18,7 +18,7 @@ import json
 import sys
 
 from core.gpt.errors import GlassBoxError
-from core.lab import cli, runs
+from core.lab import cli, runs, server_settings
 
 # command → (module in core/stages, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "snapshots": ("snapshots", "list a run's training snapshots (stage 4 history)"),
     "prefer": ("prefer", "preference tuning (DPO) of an instruction-tuned run (beyond the seven stages)"),
     "serve": ("serve", "an OpenAI-compatible server for a run (chat completions)"),
+    "classroom": ("classroom", "a classroom server's progress, leaderboard and report cards (the teacher's page)"),
     "bench": ("bench", "measure the speed of this machine and the engine"),
     "job": ("job", "(internal) run a background job's command inside its run folder"),
     "countdown": ("countdown", "(internal) a tiny resumable job that tests the job machinery"),
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
+        server_settings.apply()  # .streamlit/classroom.toml; the shell's variables win
         result = run_command(argv)
         runs.finish_runs_started_here(stopped=bool(result.get("stopped")))
     except _ArgumentError as e:

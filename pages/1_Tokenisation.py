@@ -12,7 +12,7 @@ import streamlit as st
 
 from core.stages import tokenize
 from core.stages.tokenize import CODE, GlassBoxError
-from pages._ui import page_header, run_name_input, show_error
+from pages._ui import owner, page_header, run_name_input, show_error, show_everyone
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
 from pages._ui.tokens import readable_token, spans_of, token_spans_html
@@ -54,14 +54,14 @@ page_header(1, "A model never sees letters, only integers. Here text becomes a l
                "and comes back again.")
 
 st.header("1. Choose a corpus")
-sources = tokenize.text_sources()
+sources = tokenize.text_sources(owner(), show_everyone())
 corpus = st.selectbox("Corpus", sources, index=sources.index("python-docs") if "python-docs" in sources else 0)
 upload = st.file_uploader("…or upload your own text file (UTF-8)", type=["txt", "md", "csv", "text"])
 if upload is not None:
     try:
         saved = st.session_state.get("tok-upload")  # (file id, source name): store each upload once
         if not saved or saved[0] != upload.file_id:
-            saved = (upload.file_id, tokenize.save_upload(upload.name, upload.getvalue()))
+            saved = (upload.file_id, tokenize.save_upload(upload.name, upload.getvalue(), owner()))
             st.session_state["tok-upload"] = saved
         corpus = saved[1]
         st.success(f"Using your upload as the corpus: {corpus}")
@@ -177,7 +177,7 @@ if st.button("Save tokeniser", type="primary"):
     try:
         tokenize.run(tokenize.Settings(data=corpus, tokenizer=save_kind, run_id=run_id,
                                        vocab_size=vocab_size if save_kind == "bpe" else None),
-                     trained=tokenizers[save_kind])
+                     trained=tokenizers[save_kind], owner=owner())
     except GlassBoxError as error:
         show_error(error)
     else:

@@ -10,7 +10,7 @@ import streamlit as st
 from core.stages import import_gpt2 as importer
 from core.stages import inspect as stage
 from core.stages.inspect import PRESETS, GlassBoxError, GPTConfig, human_bytes
-from pages._ui import page_header, run_picker, show_error
+from pages._ui import owner, page_header, run_picker, show_error
 from pages._ui.code import code_behind
 from pages._ui.microscope import microscope_panel
 from pages._ui.model_figures import compare_bars, parameter_bar, readable, top_bars
@@ -191,7 +191,7 @@ if st.button("Import", key="import_go"):
         if not source_folder:
             raise GlassBoxError("Type the folder that holds config.json and model.safetensors.")
         with st.spinner("Importing…"):
-            result = importer.import_from_app(source_folder, import_id.strip())
+            result = importer.import_from_app(source_folder, import_id.strip(), owner())
         st.success(f"Imported {result['parameters']:,} parameters as run '{result['run_id']}'. "
                    "Pick it under 'A run on disk' above.")
     except GlassBoxError as e:

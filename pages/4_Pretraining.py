@@ -10,8 +10,8 @@ import math
 import streamlit as st
 
 from core.stages import pretrain as stage
-from pages._ui import (escape, page_header, remembered_run, run_ids_with_pending, run_name_input, show_error,
-                       waiting_to_start)
+from pages._ui import (escape, owner, page_header, remembered_run, run_ids_with_pending, run_name_input, show_error,
+                       show_everyone, waiting_to_start)
 from pages._ui.charts import curves_figure, expected_vs_yours
 from pages._ui.code import code_behind
 from pages._ui.history import history_panel
@@ -39,7 +39,7 @@ def fmt_count(n) -> str:
 
 # ---------------------------------------------------------------------------- 1. set up a run
 st.header("1 · Set up a training run")
-corpora, tokenizers = stage.corpora(), stage.tokenizer_choices()
+corpora, tokenizers = stage.corpora(owner(), show_everyone()), stage.tokenizer_choices()
 presets = stage.TRAINABLE_PRESETS
 c1, c2, c3 = st.columns(3)
 corpus = c1.selectbox("Corpus", corpora, index=corpora.index("tinyshakespeare") if "tinyshakespeare" in corpora else 0,
@@ -89,7 +89,7 @@ if r2.button("Start training", type="primary", key="pt_start"):
         settings = stage.Settings(data=corpus, tokenizer=tokenizer, preset=preset, batch_size=int(batch_size),
                                   lr=float(lr), warmup=int(warmup), eval_every=int(eval_every),
                                   sample_every=int(sample_every), run_id=run_name, **budget_args)
-        stage.start(settings, run_name)
+        stage.start(settings, run_name, owner=owner())
     except stage.GlassBoxError as e:
         show_error(e)
     else:

@@ -9,7 +9,7 @@ metrics; at the end both models answer held-out instructions side by side.
 import streamlit as st
 
 from core.stages import prefer as stage
-from pages._ui import escape, remembered_run, run_ids_with_pending, run_name_input, show_error, waiting_to_start
+from pages._ui import escape, owner, remembered_run, run_ids_with_pending, run_name_input, show_error, waiting_to_start
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
 from pages._ui.live import live_panel
@@ -60,7 +60,7 @@ else:
             settings = stage.Settings(start=start, beta=float(beta), steps=int(steps),
                                       lora_rank=int(rank) if lora else None,
                                       lora_alpha=float(alpha) if lora else None, run_id=run_id)
-            stage.start(settings, run_id)
+            stage.start(settings, run_id, owner=owner())
         except stage.GlassBoxError as e:
             show_error(e)
         else:

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.stages import judge as stage
-from pages._ui import escape, no_remote_images, page_header, remembered_run, show_error
+from pages._ui import escape, owner, no_remote_images, page_header, remembered_run, show_error
 from pages._ui.code import code_behind
 from pages._ui.live import live_panel
 
@@ -97,7 +97,7 @@ if st.button("Start judging", type="primary", key="judge_start", disabled=not so
     try:
         stage.start(stage.Settings(**source, base_url=base_url, model=model_name, timeout=float(timeout), mode=mode,
                                    concurrency=int(concurrency), limit=int(limit), rubric=rubric.version,
-                                   run_id=new_id), new_id, typed_key)
+                                   run_id=new_id), new_id, typed_key, owner=owner())
     except stage.GlassBoxError as e:
         show_error(e)
     else:  # show the new run; the next start gets a new id

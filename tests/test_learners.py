@@ -108,7 +108,8 @@ def test_two_learners_uploads_of_one_name_never_replace_each_other():
     data.save_upload("shared.txt", b"for everyone")  # the teacher's, or off a classroom
     names = [u["name"] for u in data.list_uploads("bob")]
     assert names == ["upload:bob/notes.txt", "upload:shared.txt", "upload:alice/notes.txt"]  # own first
-    assert [u["name"] for u in data.list_uploads("bob", everyone=False)] == ["upload:bob/notes.txt", "upload:shared.txt"]
+    alone = [u["name"] for u in data.list_uploads("bob", everyone=False)]
+    assert alone == ["upload:bob/notes.txt", "upload:shared.txt"]
     for trick in ("../alice/notes.txt", "alice/../../x", "Teacher/notes.txt"):
         with pytest.raises(DataError):
             data.read_text("upload:" + trick)

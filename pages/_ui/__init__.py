@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from core.lab import device, jobs, runs
+from core.lab import device, jobs, learners, runs
 from core.gpt.errors import GlassBoxError
+from pages._ui.learner import current_actor, owner, show_everyone
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ BEYOND = [
 ]
 
 
+TEACHER = Stage(9, "Teacher", "pages/9_Teacher.py", "🧑‍🏫",
+                "Every learner's progress, the jobs, a leaderboard at one budget, report cards, projector mode.", ())
+
+
 def page_header(number: int, why: str) -> None:
     stage = STAGES[number - 1]
     st.title(f"{stage.icon} Stage {number}: {stage.title}")
@@ -88,16 +93,23 @@ def run_label(run: runs.Run) -> str:
 
 def run_picker(stages: str | tuple[str, ...], label: str, key: str,
                require_weights: bool = False, allow_none: bool = False) -> str | None:
-    """A selectbox of runs of the given stages (newest first); None when there are none."""
+    """A selectbox of runs of the given stages (yours first, then newest first); None when there are none."""
     found = [r for r in runs.list_runs(stages) if not r.error]
     if require_weights:
         found = [r for r in found if r.has_weights()]
-    if not found:
+    ids = learners.mine_first([r.id for r in found], current_actor(), show_everyone())
+    if not ids:
         return None
-    options = ([None] if allow_none else []) + [r.id for r in found]
-    labels = {r.id: run_label(r) for r in found}
+    options = ([None] if allow_none else []) + ids
+    labels = {r.id: run_label(r) + _owner_note(r.id) for r in found}
     return st.selectbox(label, options, key=key,
                         format_func=lambda rid: "—" if rid is None else labels.get(rid, rid))
+
+
+def _owner_note(run_id: str) -> str:
+    """" · alice's" beside another learner's run on a classroom server (nothing off one)."""
+    who = learners.owner_of(run_id) if learners.classroom_on() else None
+    return f" · {who}'s" if who and who != current_actor().name else ""
 
 
 def run_name_input(container, prefix: str, key: str, label: str = "Run name") -> str:
@@ -108,14 +120,15 @@ def run_name_input(container, prefix: str, key: str, label: str = "Run name") ->
     gives the next one a fresh default.
     """
     if key not in st.session_state:
-        st.session_state[key] = runs.new_run_id(prefix)
+        name = owner()  # on a classroom server a run's default name starts with its learner's
+        st.session_state[key] = runs.new_run_id(f"{name}-{prefix}" if name else prefix)
     return container.text_input(label, key=key)
 
 
 def start_job(argv: list[str], run_id: str, env: dict | None = None) -> bool:
     """Start a background job from a button; shows a clear message if it cannot start."""
     try:
-        jobs.start_job(argv, run_id, env=env)
+        jobs.start_job(argv, run_id, env=env, owner=owner())
     except GlassBoxError as e:
         show_error(e)
         return False
@@ -127,7 +140,7 @@ def start_stage_job(stage, make_settings, run_id: str, page_key: str, name_key: 
     refusal of either is shown as a message); the page remembers the run, the next run gets a
     fresh default name, and the page reruns to show the job."""
     try:
-        stage.start(make_settings(), run_id)
+        stage.start(make_settings(), run_id, owner=owner())
     except GlassBoxError as e:
         show_error(e)
         return
@@ -150,19 +163,21 @@ def job_controls(run_id: str, key: str, resume_env: dict | None = None) -> jobs.
         show_error(e)
         return None
     icon = STATE_ICONS.get(state.state, "❔")
-    cols = st.columns([4, 1, 1])
-    cols[0].markdown(f"{icon} **{escape(run_id)}** — {escape(state.state)}"
+    actor = current_actor()
+    cols = st.columns([4, 1, 1, 1])
+    cols[0].markdown(f"{icon} **{escape(run_id)}**{escape(_owner_note(run_id))} — {escape(state.state)}"
                      + (f": {escape(state.message)}" if state.message else ""))
-    if state.active and cols[1].button("Stop", key=f"{key}-stop", type="primary"):
-        jobs.stop_job(run_id)
-        st.rerun()
-    if state.state in ("stopped", "failed") and state.argv and cols[2].button("Resume", key=f"{key}-resume"):
-        try:
-            jobs.resume_job(run_id, env=resume_env)
-        except GlassBoxError as e:
-            show_error(e)
-        else:
-            st.rerun()
+    if not learners.may_change(run_id, actor):
+        cols[1].caption("read-only")  # another learner's run: only they and the teacher change it
+    elif state.active and cols[1].button("Stop", key=f"{key}-stop", type="primary"):
+        _act(lambda: jobs.stop_job(run_id, actor=actor))
+    elif state.state in ("stopped", "failed") and state.argv and cols[2].button("Resume", key=f"{key}-resume"):
+        _act(lambda: jobs.resume_job(run_id, env=resume_env, actor=actor))
+    if not state.active and learners.may_change(run_id, actor):
+        with cols[3].popover("Delete"):
+            st.write(f"Delete run **{escape(run_id)}** and all its files? This cannot be undone.")
+            if st.button("Delete it", key=f"{key}-delete", type="primary"):
+                _act(lambda: jobs.delete_run(run_id, actor=actor))
     if state.state == "failed":
         st.error(no_remote_images(state.error or "The job failed."), icon="❌")
         if state.log_tail:
@@ -171,12 +186,22 @@ def job_controls(run_id: str, key: str, resume_env: dict | None = None) -> jobs.
     return state
 
 
+def _act(action) -> None:
+    """Stop / Resume: a refusal (not yours, still running) is shown; success reruns the page."""
+    try:
+        action()
+    except GlassBoxError as e:
+        show_error(e)
+    else:
+        st.rerun()
+
+
 def run_ids_with_pending(stages: tuple[str, ...], command: str) -> list[str]:
     """Run ids to offer on a page: jobs of `command` still starting or queued (their run has no
     config.json until the child process has loaded PyTorch) first, then the runs on disk."""
     listed = [r.id for r in runs.list_runs(stages) if not r.error]
     pending = [s.run_id for s in jobs.active_jobs() if s.command == command and s.run_id not in listed]
-    return pending + listed
+    return learners.mine_first(pending + listed, current_actor(), show_everyone())
 
 
 def waiting_to_start(run_id: str) -> bool:
@@ -194,20 +219,29 @@ def remembered_run(page_key: str, stages: tuple[str, ...], command: str) -> str 
     run_id = st.session_state.get(page_key)
     if run_id and runs.run_dir(run_id).is_dir():
         return run_id
-    for state in jobs.active_jobs():
-        if state.command == command:
+    actor = current_actor()
+    for state in jobs.active_jobs():  # on a classroom server: only your own job is followed
+        if state.command == command and (actor.name is None or state.owner == actor.name):
             return state.run_id
-    found = [r for r in runs.list_runs(stages) if not r.error]
-    return found[0].id if found else None
+    found = learners.mine_first([r.id for r in runs.list_runs(stages) if not r.error], actor, show_everyone())
+    return found[0] if found else None
 
 
 def _job_sidebar_body() -> None:
     # Always exactly one element, so a finished job's line can never linger under a new text.
-    lines = []
+    lines, others = [], 0
+    actor = current_actor()
     for state in jobs.active_jobs():
+        if actor.name is not None and not actor.teacher and state.owner != actor.name:
+            others += 1  # another learner's job: counted (it may hold the slot), not shown
+            continue
         icon = STATE_ICONS.get(state.state, "❔")
-        lines.append(f"{icon} **{escape(state.run_id)}** · {escape(state.command)} · {escape(state.state)}"
+        who = f" · {state.owner}" if state.owner and state.owner != actor.name else ""
+        lines.append(f"{icon} **{escape(state.run_id)}** · {escape(state.command)}{escape(who)} · "
+                     f"{escape(state.state)}"
                      + (f"  \n{escape(state.message)}" if state.message else ""))
+    if others:
+        lines.append(f"…and {others} job(s) of other learners, running or queued.")
     st.markdown("\n\n".join(lines) if lines else "No job running.")
 
 
