@@ -43,3 +43,13 @@ def test_the_import_reads_only_allowed_folders_and_says_nothing_about_others(tmp
     with pytest.raises(limits.ImportPathError):
         limits.check_import_path(allowed / "gpt2")  # by default only the downloads folder
     assert os.pathsep not in limits.IMPORT_REFUSED
+
+
+@pytest.mark.parametrize("eps", ["tiny", "1e-5; rm -rf", float("nan"), -1.0, None])
+def test_a_planted_layer_norm_epsilon_is_a_clear_error_not_a_traceback(eps):
+    """Issue 22's review: a string `layer_norm_epsilon` raised an uncaught ValueError on page 3."""
+    from core.lab.gpt2 import GPT2FormatError, config_from_hf
+
+    with pytest.raises(GPT2FormatError, match="not a number|positive number|built"):
+        config_from_hf({"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 1, "vocab_size": 16,
+                        "n_positions": 8, "layer_norm_epsilon": eps})

@@ -1,0 +1,182 @@
+"""A classroom's load on one server: N browser sessions open the pages while 2 jobs train.
+
+Bounded and loopback-only: it starts `streamlit run app.py` on a free 127.0.0.1 port as a
+classroom server (`GLASSBOX_CLASSROOM=1`) with its own temporary checkpoints and data folders,
+starts two pre-training jobs owned by two learners, then opens N headless Chromium contexts
+(Playwright, Debian's chromium; never `playwright install`), one learner each, all at once. Each
+learner opens Home, uploads their own `notes.txt` on stage 1, watches stage 4 and opens one more
+page. It measures:
+
+- the server's resident memory (VmRSS of the streamlit process, sampled every 0.5 s): start and peak;
+- each page's time to settle (navigation until the script has stopped running and nothing on the
+  page is stale), and the slowest;
+- that nothing was lost or mixed: every upload holds exactly its own learner's text, in its own
+  folder; each job's metrics.jsonl has every step once, in order; each run's owner is its learner.
+
+    python scripts/load_test.py                  # 20 sessions (issue 22's figure), ~3–6 minutes
+    python scripts/load_test.py --sessions 4     # a quick look
+
+The last line of stdout is one JSON object with the figures (docs/classroom.md records a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.browser_harness import CHROMIUM, CHROMIUM_ARGS, PROJECTOR, kill_jobs, start_server  # noqa: E402
+
+SETTLE_JS = """(settleMs) => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    const settled = app && app.getAttribute('data-test-script-state') === 'notRunning'
+        && app.getAttribute('data-test-connection-state') === 'CONNECTED'
+        && !document.querySelector('[data-stale="true"]');
+    if (!settled) { window.__settledSince = null; return false; }
+    window.__settledSince ??= performance.now();
+    return performance.now() - window.__settledSince >= settleMs;
+}"""
+EXTRA_PAGES = ["Attention", "Architecture", "Classification", "Instructions", "Judge", "Chat"]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def sample_memory(pid: int, samples: list[float], stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            samples.append(rss_mb(pid))
+        except OSError:
+            return
+        stop.wait(0.5)
+
+
+async def settle(page, timings: list[dict], learner: str, what: str, started: float) -> None:
+    await page.wait_for_selector('[data-testid="stApp"]', timeout=240_000)
+    await page.wait_for_function(SETTLE_JS, arg=300, polling=100, timeout=240_000)
+    timings.append({"learner": learner, "page": what, "seconds": round(time.monotonic() - started, 2)})
+
+
+async def one_learner(browser, url: str, learner: str, index: int, folder: Path, timings: list[dict]) -> None:
+    context = await browser.new_context(viewport=PROJECTOR)
+    page = await context.new_page()
+    page.set_default_timeout(240_000)
+    try:
+        for slug in ("", "Tokenisation"):
+            started = time.monotonic()
+            await page.goto(f"{url}/{slug}?learner={learner}")
+            await settle(page, timings, learner, slug or "Home", started)
+        notes = folder / learner / "notes.txt"
+        notes.parent.mkdir(parents=True, exist_ok=True)
+        notes.write_text(f"{learner}'s own text. " * 100)
+        started = time.monotonic()
+        await page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(notes))
+        await page.get_by_text("Using your upload as the corpus").wait_for()
+        await settle(page, timings, learner, "upload", started)
+        for slug in ("Pretraining", EXTRA_PAGES[index % len(EXTRA_PAGES)]):
+            started = time.monotonic()
+            await page.goto(f"{url}/{slug}?learner={learner}")
+            await settle(page, timings, learner, slug, started)
+    finally:
+        await context.close()
+
+
+async def drive(url: str, learners: list[str], folder: Path, timings: list[dict]) -> None:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            await asyncio.gather(*(one_learner(browser, url, name, i, folder, timings)
+                                   for i, name in enumerate(learners)))
+        finally:
+            await browser.close()
+
+
+def check_nothing_lost(workdir: Path, learners: list[str], job_runs: dict[str, str]) -> list[str]:
+    """Every upload holds its own learner's text; every job's steps are all there, once, in order."""
+    from core.lab import learners as owners
+    from core.lab import runs
+
+    problems = []
+    for name in learners:
+        path = workdir / "data" / "uploads" / name / "notes.txt"
+        if not path.is_file() or path.read_text() != f"{name}'s own text. " * 100:
+            problems.append(f"upload of {name} missing or mixed")
+    for run_id, owner in job_runs.items():
+        steps = [m["step"] for m in runs.read_jsonl(runs.run_dir(run_id) / "metrics.jsonl")]
+        if not steps or steps != sorted(set(steps)) or steps[0] != 1:
+            problems.append(f"{run_id}: metric steps lost, repeated or out of order")
+        if owners.owner_of(run_id) != owner:
+            problems.append(f"{run_id}: owner {owners.owner_of(run_id)!r}, not {owner!r}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--minutes", type=float, default=4.0, help="each training job's budget")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="glassbox-load-"))
+    for sub in ("checkpoints", "data"):
+        (workdir / sub).mkdir()
+    os.environ.update({"GLASSBOX_CHECKPOINTS_DIR": str(workdir / "checkpoints"),
+                       "GLASSBOX_DOWNLOADS_DIR": str(workdir / "data"), "GLASSBOX_THREADS": "1"})
+    server = start_server(workdir, {"GLASSBOX_CLASSROOM": "1", "GLASSBOX_MAX_JOBS": "2",
+                                    "GLASSBOX_DATA_DIR": os.environ.get("GLASSBOX_DATA_DIR", "")})
+    from core.lab import jobs
+
+    learners = [f"learner-{i:02d}" for i in range(1, args.sessions + 1)]
+    job_runs = {f"{name}-train": name for name in learners[:2]}
+    memory: list[float] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_memory, args=(server.process.pid, memory, stop), daemon=True)
+    try:
+        start_rss = rss_mb(server.process.pid)
+        sampler.start()
+        for run_id, owner in job_runs.items():
+            jobs.start_job(["pretrain", "--data", "python-docs", "--tokenizer", "char", "--preset", "small",
+                            "--minutes", str(args.minutes), "--run-id", run_id, "--quiet"], run_id, owner=owner)
+        timings: list[dict] = []
+        began = time.monotonic()
+        asyncio.run(drive(server.url, learners, workdir / "uploads-sent", timings))
+        wall = time.monotonic() - began
+        for run_id in job_runs:  # a clean end: stop both jobs and wait for their last checkpoint
+            jobs.stop_job(run_id)
+        deadline = time.monotonic() + 120
+        while any(jobs.job_state(r).active for r in job_runs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        problems = check_nothing_lost(workdir, learners, job_runs)
+    finally:
+        stop.set()
+        server.stop()
+        kill_jobs(workdir / "checkpoints")
+    slowest = max(timings, key=lambda t: t["seconds"])
+    by_page: dict[str, list[float]] = {}
+    for t in timings:
+        by_page.setdefault(t["page"], []).append(t["seconds"])
+    result = {"sessions": args.sessions, "jobs": len(job_runs), "page_loads": len(timings),
+              "wall_s": round(wall, 1), "server_rss_start_mb": round(start_rss), "server_rss_peak_mb": round(max(memory)),
+              "slowest_settle_s": slowest["seconds"], "slowest": slowest,
+              "median_settle_s": sorted(t["seconds"] for t in timings)[len(timings) // 2],
+              "slowest_by_page_s": {k: max(v) for k, v in sorted(by_page.items())},
+              "lost_or_mixed": problems, "ok": not problems}
+    print(json.dumps(result))
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
