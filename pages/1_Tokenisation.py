@@ -6,6 +6,7 @@ The lesson is core/gpt/tokenizers.py; this page calls core/stages/tokenize.py an
 """
 
 import hashlib
+import threading
 
 import pandas as pd
 import streamlit as st
@@ -24,19 +25,21 @@ DEFAULT_TEXT = "Hello, world! Tokenisers turn text into numbers: naïve café, �
 
 
 @st.cache_resource(show_spinner=False)
-def _bpe_store() -> dict:
-    return {}  # (corpus, text fingerprint, vocab size) -> trained BPE, shared by all sessions
+def _bpe_store() -> tuple[dict, threading.Lock]:
+    return {}, threading.Lock()  # (corpus, text fingerprint, vocab size) -> trained BPE, for all sessions
 
 
 def trained_bpe(corpus: str, text: str, vocab_size: int, progress=None):
-    """Train once per corpus and size (not st.cache_resource: its progress bar must not be replayed)."""
-    store = _bpe_store()
+    """Train once per corpus and size (not st.cache_resource: its progress bar must not be replayed).
+    One at a time: a class opening this page at once trained 20 copies side by side (load test)."""
+    store, lock = _bpe_store()
     key = (corpus, len(text), hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest(), vocab_size)
-    if key not in store:
-        if len(store) >= 8:
-            store.pop(next(iter(store)))  # forget the oldest
-        store[key] = tokenize.train("bpe", text, vocab_size, progress=progress)
-    return store[key]
+    with lock:
+        if key not in store:
+            if len(store) >= 8:
+                store.pop(next(iter(store)))  # forget the oldest
+            store[key] = tokenize.train("bpe", text, vocab_size, progress=progress)
+        return store[key]
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -10,6 +10,8 @@ page. It measures:
 - the server's resident memory (VmRSS of the streamlit process, sampled every 0.5 s): start and peak;
 - each page's time to settle (navigation until the script has stopped running and nothing on the
   page is stale), and the slowest;
+- (the browsers share the two cores here, so they are kept at nice 10, and the jobs run at
+  their usual nice 10: the server's own work comes first, as on a room's real laptops);
 - that nothing was lost or mixed: every upload holds exactly its own learner's text, in its own
   folder; each job's metrics.jsonl has every step once, in order; each run's owner is its learner.
 
@@ -45,7 +47,27 @@ SETTLE_JS = """(settleMs) => {
     window.__settledSince ??= performance.now();
     return performance.now() - window.__settledSince >= settleMs;
 }"""
+PAGE_TIMEOUT_MS = 300_000
 EXTRA_PAGES = ["Attention", "Architecture", "Classification", "Instructions", "Judge", "Chat"]
+
+
+def keep_browsers_behind(stop: threading.Event, niceness: int = 10) -> None:
+    """The browsers stand in for the learners' own laptops, but here they share the server's two
+    cores, and Chromium raises its own threads to nice -8. Put every Chromium thread (and the
+    Playwright driver) back at nice 10, every second, so the server is measured, not the rig."""
+    while not stop.is_set():
+        for proc in Path("/proc").iterdir():
+            try:
+                if not proc.name.isdigit():
+                    continue
+                cmd = (proc / "cmdline").read_bytes()
+                if b"chromium" not in cmd and b"playwright" not in cmd:
+                    continue
+                for task in (proc / "task").iterdir():
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+            except OSError:
+                continue
+        stop.wait(1.0)
 
 
 def rss_mb(pid: int) -> float:
@@ -65,19 +87,21 @@ def sample_memory(pid: int, samples: list[float], stop: threading.Event) -> None
 
 
 async def settle(page, timings: list[dict], learner: str, what: str, started: float) -> None:
-    await page.wait_for_selector('[data-testid="stApp"]', timeout=240_000)
-    await page.wait_for_function(SETTLE_JS, arg=300, polling=100, timeout=240_000)
+    await page.wait_for_selector('[data-testid="stApp"]', timeout=PAGE_TIMEOUT_MS)
+    await page.wait_for_function(SETTLE_JS, arg=300, polling=100, timeout=PAGE_TIMEOUT_MS)
     timings.append({"learner": learner, "page": what, "seconds": round(time.monotonic() - started, 2)})
 
 
-async def one_learner(browser, url: str, learner: str, index: int, folder: Path, timings: list[dict]) -> None:
+async def one_learner(browser, url: str, learner: str, index: int, folder: Path, timings: list[dict],
+                      failures: list[str], stagger: float) -> None:
+    await asyncio.sleep(index * stagger)  # a room arrives over half a minute, not in one instant
     context = await browser.new_context(viewport=PROJECTOR)
     page = await context.new_page()
-    page.set_default_timeout(240_000)
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
     try:
         for slug in ("", "Tokenisation"):
             started = time.monotonic()
-            await page.goto(f"{url}/{slug}?learner={learner}")
+            await page.goto(f"{url}/{slug}?learner={learner}", wait_until="commit")
             await settle(page, timings, learner, slug or "Home", started)
         notes = folder / learner / "notes.txt"
         notes.parent.mkdir(parents=True, exist_ok=True)
@@ -88,19 +112,22 @@ async def one_learner(browser, url: str, learner: str, index: int, folder: Path,
         await settle(page, timings, learner, "upload", started)
         for slug in ("Pretraining", EXTRA_PAGES[index % len(EXTRA_PAGES)]):
             started = time.monotonic()
-            await page.goto(f"{url}/{slug}?learner={learner}")
+            await page.goto(f"{url}/{slug}?learner={learner}", wait_until="commit")
             await settle(page, timings, learner, slug, started)
+    except Exception as e:  # noqa: BLE001 - a timed-out learner is a result, not a crash
+        failures.append(f"{learner}: {type(e).__name__}: {str(e).splitlines()[0]}")
     finally:
         await context.close()
 
 
-async def drive(url: str, learners: list[str], folder: Path, timings: list[dict]) -> None:
+async def drive(url: str, learners: list[str], folder: Path, timings: list[dict], failures: list[str],
+                stagger: float) -> None:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            await asyncio.gather(*(one_learner(browser, url, name, i, folder, timings)
+            await asyncio.gather(*(one_learner(browser, url, name, i, folder, timings, failures, stagger)
                                    for i, name in enumerate(learners)))
         finally:
             await browser.close()
@@ -128,12 +155,13 @@ def check_nothing_lost(workdir: Path, learners: list[str], job_runs: dict[str, s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--minutes", type=float, default=4.0, help="each training job's budget")
+    parser.add_argument("--minutes", type=float, default=6.0, help="each training job's budget")
+    parser.add_argument("--stagger", type=float, default=1.5, help="seconds between two learners' arrivals")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="glassbox-load-"))
     for sub in ("checkpoints", "data"):
         (workdir / sub).mkdir()
-    os.environ.update({"GLASSBOX_CHECKPOINTS_DIR": str(workdir / "checkpoints"),
+    os.environ.update({"GLASSBOX_CHECKPOINTS_DIR": str(workdir / "checkpoints"), "GLASSBOX_MAX_JOBS": "2",
                        "GLASSBOX_DOWNLOADS_DIR": str(workdir / "data"), "GLASSBOX_THREADS": "1"})
     server = start_server(workdir, {"GLASSBOX_CLASSROOM": "1", "GLASSBOX_MAX_JOBS": "2",
                                     "GLASSBOX_DATA_DIR": os.environ.get("GLASSBOX_DATA_DIR", "")})
@@ -147,19 +175,22 @@ def main() -> int:
     try:
         start_rss = rss_mb(server.process.pid)
         sampler.start()
+        threading.Thread(target=keep_browsers_behind, args=(stop,), daemon=True).start()
         for run_id, owner in job_runs.items():
             jobs.start_job(["pretrain", "--data", "python-docs", "--tokenizer", "char", "--preset", "small",
                             "--minutes", str(args.minutes), "--run-id", run_id, "--quiet"], run_id, owner=owner)
         timings: list[dict] = []
+        failures: list[str] = []
         began = time.monotonic()
-        asyncio.run(drive(server.url, learners, workdir / "uploads-sent", timings))
+        asyncio.run(drive(server.url, learners, workdir / "uploads-sent", timings, failures, args.stagger))
         wall = time.monotonic() - began
         for run_id in job_runs:  # a clean end: stop both jobs and wait for their last checkpoint
             jobs.stop_job(run_id)
         deadline = time.monotonic() + 120
         while any(jobs.job_state(r).active for r in job_runs) and time.monotonic() < deadline:
             time.sleep(0.5)
-        problems = check_nothing_lost(workdir, learners, job_runs)
+        finished = [n for n in learners if not any(f.startswith(n + ":") for f in failures)]
+        problems = check_nothing_lost(workdir, finished, job_runs)
     finally:
         stop.set()
         server.stop()
@@ -173,9 +204,9 @@ def main() -> int:
               "slowest_settle_s": slowest["seconds"], "slowest": slowest,
               "median_settle_s": sorted(t["seconds"] for t in timings)[len(timings) // 2],
               "slowest_by_page_s": {k: max(v) for k, v in sorted(by_page.items())},
-              "lost_or_mixed": problems, "ok": not problems}
+              "timed_out": failures, "lost_or_mixed": problems, "ok": not problems and not failures}
     print(json.dumps(result))
-    return 0 if not problems else 1
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

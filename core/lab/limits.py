@@ -9,6 +9,7 @@ Set by environment variables when the app is started (README, "Serving a classro
 | `GLASSBOX_MAX_JOB_TOKENS` | 200000000 | its tokens budget (pre-training) |
 | `GLASSBOX_IMPORT_DIRS` | none | folders the app's import may read besides the downloads folder (`os.pathsep` between them) |
 | `GLASSBOX_MAX_JOBS` | 1 | jobs running at once; the others queue (`core.lab.jobs`) |
+| `GLASSBOX_JOB_NICE` | 10 | how much a job yields the CPU to the app's pages (`nice`; `core.lab.jobs`) |
 | `GLASSBOX_MAX_JOBS_PER_LEARNER` | 2 | jobs one learner may have running or queued (`jobs.start_job`) |
 
 The same settings can be written in `.streamlit/classroom.toml` (`core.lab.server_settings`); a

@@ -24,7 +24,7 @@ DEFAULT_FILE = REPO_ROOT / ".streamlit" / "classroom.toml"
 
 # key → kind. Lists become comma-separated variables (import_dirs: os.pathsep-separated).
 KEYS: dict[str, type] = {
-    "classroom": bool, "max_jobs": int, "max_jobs_per_learner": int, "max_job_minutes": float,
+    "classroom": bool, "max_jobs": int, "job_nice": int, "max_jobs_per_learner": int, "max_job_minutes": float,
     "max_job_steps": int, "max_job_tokens": int, "import_dirs": list, "judge_endpoints": list,
     "judge_allow_hosts": list, "judge_key_url": str, "judge_max_failures": int, "judge_give_up_s": float,
     "leaderboard_minutes": float,
