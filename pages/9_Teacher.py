@@ -57,9 +57,9 @@ if not rows:
             "headline figure of each.", icon="💡")
 else:
     st.dataframe(rows, hide_index=True, width="stretch", key="t_progress")
-    st.caption("Each cell: the learner's runs of that stage and the best headline figure among them "
-               "(validation loss for pre-training, test accuracy for spam, the judge's mean score). "
-               "'shared' are runs made at a terminal or before class.")
+    st.caption("Each cell: the learner's newest run of that stage and its headline figure (validation "
+               "loss for pre-training, test accuracy for spam, the judge's mean score), then how many more "
+               "runs they have there. 'shared' are runs made at a terminal or before class.")
 code_behind(*stage.CODE["progress"], title="The code behind this: the headline figure of a run")
 
 # ---------------------------------------------------------------------------- 2. jobs

@@ -8,6 +8,7 @@ docs/teacher.png (the teacher's page, leaderboard at 1 minute) and docs/report-c
 report card the page downloads, opened in the browser). About 4 minutes on 2 cores.
 
     python scripts/classroom_screenshots.py
+    python scripts/classroom_screenshots.py --reuse /tmp/glassbox-shots-XXXX   # the runs of a previous go
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.browser_harness import CHROMIUM, CHROMIUM_ARGS, kill_jobs, start_server, wait_for_app  # noqa: E402
+from tests.browser_harness import CHROMIUM, CHROMIUM_ARGS, go_to, kill_jobs, start_server, wait_for_app  # noqa: E402
 
 KEY = "screenshot-key"
 
@@ -45,25 +46,30 @@ def make_runs() -> None:
 def main() -> int:
     from playwright.sync_api import sync_playwright
 
-    workdir = Path(tempfile.mkdtemp(prefix="glassbox-shots-"))
+    reuse = sys.argv[2] if sys.argv[1:2] == ["--reuse"] else None
+    workdir = Path(reuse) if reuse else Path(tempfile.mkdtemp(prefix="glassbox-shots-"))
     for sub in ("checkpoints", "data"):
-        (workdir / sub).mkdir()
+        (workdir / sub).mkdir(exist_ok=True)
     os.environ.update({"GLASSBOX_CHECKPOINTS_DIR": str(workdir / "checkpoints"),
                        "GLASSBOX_DOWNLOADS_DIR": str(workdir / "data")})
-    make_runs()
+    if not reuse:
+        make_runs()
     server = start_server(workdir, {"GLASSBOX_CLASSROOM": "1", "GLASSBOX_TEACHER_KEY": KEY,
                                     "GLASSBOX_LEADERBOARD_MINUTES": "1"})
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})  # the page's main scrolls itself
             page.set_default_timeout(120_000)
-            page.goto(f"{server.url}/Teacher?learner=mr-k")
+            page.goto(f"{server.url}/?learner=mr-k")
             wait_for_app(page)
+            go_to(page, "Teacher")
             page.get_by_label("Teacher's key").fill(KEY)
             page.get_by_label("Teacher's key").press("Enter")
             wait_for_app(page)
             page.get_by_text("3 · Leaderboard at a fixed budget").wait_for()
+            page.locator('[data-testid="stSidebarNav"]').get_by_text("1. Text and tokens").wait_for()
+            wait_for_app(page)
             page.wait_for_timeout(1500)
             page.screenshot(path=str(REPO / "docs" / "teacher.png"), full_page=True)
             from core.lab import classroom

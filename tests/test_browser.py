@@ -371,7 +371,11 @@ def set_up_tiny_run(page, minutes: float | None = None, steps: int | None = None
         set_number(page, "Steps", steps)
     else:
         set_number(page, "Minutes", minutes)
-    return page.get_by_label("Run name", exact=True).input_value()
+    from playwright.sync_api import expect
+
+    box = page.get_by_label("Run name", exact=True)
+    expect(box).to_have_value(re.compile(r"\S"))  # mid-rerun the box can read "" (seen once, under load)
+    return box.input_value()
 
 
 @pytest.mark.timeout(900)
