@@ -100,3 +100,40 @@ def test_the_teachers_page_off_a_classroom_shows_everything_without_a_key(monkey
                                                "2 · Jobs running and queued"]
     assert not at.text_input  # no key asked on one's own laptop
     assert learners.owner_of("tok") is None
+
+
+def finished_pretrain(run_id: str, owner: str, val_loss: float):
+    runs.create_run(run_id, "pretrain", {"data": "tinyshakespeare", "preset": "small", "train": {"max_minutes": 5}})
+    for step in (1, 10, 20):
+        runs.append_jsonl(runs.run_dir(run_id) / "metrics.jsonl",
+                          {"step": step, "train_loss": 4.0 - step / 10, "val_loss": 4.1 - step / 10})
+    runs.write_status(run_id, "finished", result={"val_loss": val_loss, "train_loss": val_loss - 0.1})
+    learners.set_owner(run_id, owner)
+
+
+def test_projector_mode_follows_one_learner_large_and_without_the_sidebar():
+    finished_pretrain("ada-run", "ada", 1.912)
+    at = as_learner(TEACHER, None)
+    at.toggle(key="t_projector").set_value(True).run()
+    assert not at.exception
+    assert at.selectbox(key="t_follow").value == "ada"
+    assert "ada · ada-run · pretrain" in [s.value for s in at.subheader]
+    assert {m.label: m.value for m in at.metric}["val loss"] == "1.912"
+    assert "stSidebar" in at.get("html")[0].proto.body  # the sidebar hidden for the projector
+    assert not at.header  # nothing else on the screen
+
+
+def test_the_leaderboard_and_the_report_card_on_the_page_and_the_command_line(tmp_path):
+    from core.__main__ import run_command
+
+    finished_pretrain("ada-run", "ada", 1.912)
+    finished_pretrain("bob-run", "bob", 1.850)
+    at = as_learner(TEACHER, None)
+    board = at.dataframe[1].value  # after the progress table: validation loss after 5 minutes of `small`
+    assert list(board["run_id"]) == ["bob-run", "ada-run"] and list(board["rank"]) == [1, 2]
+    assert at.get("download_button")[0].proto.label.startswith("Download the report card")
+
+    out = run_command(["classroom", "--minutes", "5", "--report", "ada", "--out", str(tmp_path / "ada.html")])
+    assert [row["run_id"] for row in out["leaderboard"]["pretrain"]] == ["bob-run", "ada-run"]
+    card = (tmp_path / "ada.html").read_text()
+    assert "ada-run" in card and "bob-run" not in card and "<svg" in card
