@@ -186,11 +186,11 @@ def judge_run(run_id: str, settings: EndpointSettings, source_run: str | None = 
     if error:
         _mark(run_id, "failed", error)
         raise JudgeError(error)
-    if not stopped:
-        _mark(run_id, "finished", "Finished.", done=len(records), total=total)
     headline = {k: summary[k] for k in HEADLINE_KEYS}
     headline["mean_scores"] = {label: m["mean_score"] for label, m in summary["models"].items()}
     headline["rouge_l"] = {label: m["rouge_l"] for label, m in summary["models"].items()}
+    if not stopped:  # "finished" comes with its figures: a reader never sees one without the other
+        _mark(run_id, "finished", "Finished.", done=len(records), total=total, result=headline)
     return headline
 
 
