@@ -4,7 +4,7 @@ at one fixed budget, report cards to download, and a projector mode that follows
 import streamlit as st
 
 from core.stages import classroom as stage
-from pages._ui import job_controls, show_error
+from pages._ui import job_controls, polling, show_error
 from pages._ui.charts import curves_figure
 from pages._ui.code import code_behind
 from pages._ui.learner import current_actor, teacher_unlock
@@ -75,7 +75,7 @@ def draw_jobs(_: str) -> None:
 
 st.header("2 · Jobs running and queued")
 st.caption("The teacher may stop anyone's job; it saves a checkpoint first, so its owner can resume it.")
-st.fragment(run_every=3 if stage.active_jobs() else None)(draw_jobs)("")
+st.fragment(run_every=polling.every(3) if stage.active_jobs() else None)(draw_jobs)("")
 
 # ---------------------------------------------------------------------------- 3. leaderboard
 st.header("3 · Leaderboard at a fixed budget")

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from core.stages import overview
-from pages._ui import STAGES, escape
+from pages._ui import STAGES, escape, polling
 
 st.title("🔍 Glass Box LLM")
 st.markdown(
@@ -12,7 +12,6 @@ st.markdown(
     "Every number is computed here, in front of you; nothing is a black box."
 )
 
-@st.fragment(run_every=3)
 def the_path() -> None:
     """The seven stages with their runs and jobs, re-read from disk every few seconds."""
     space = overview.workspace()
@@ -40,7 +39,8 @@ def the_path() -> None:
                    + "; ".join(f"{r.id}: {r.error}" for r in broken))
 
 
-the_path()
+# Re-read every 3 s while a job runs (15 s when none does), more slowly in a full room.
+st.fragment(run_every=polling.every(3 if overview.jobs_active() else 15))(the_path)()
 
 st.header("This machine")
 info = overview.machine()

@@ -16,6 +16,11 @@ def workspace() -> dict:
             "broken": [r for r in all_runs if r.error]}
 
 
+def jobs_active() -> bool:
+    """Whether any job is queued or running (the home page polls faster while one is)."""
+    return bool(jobs.active_jobs())
+
+
 def machine() -> dict:
     return device.describe()
 

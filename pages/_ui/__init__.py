@@ -13,6 +13,7 @@ import streamlit as st
 
 from core.lab import device, jobs, learners, runs
 from core.gpt.errors import GlassBoxError
+from pages._ui import polling
 from pages._ui.learner import current_actor, owner, show_everyone
 
 
@@ -255,4 +256,4 @@ def job_sidebar() -> None:
         st.subheader("Jobs")
         # Every 2 s while a job runs; when none does, every 15 s is enough to notice one started
         # from a terminal, and a classroom of idle tabs does not rerun the server 30 times a minute.
-        st.fragment(run_every=2 if jobs.active_jobs() else 15)(_job_sidebar_body)()
+        st.fragment(run_every=polling.every(2 if jobs.active_jobs() else 15))(_job_sidebar_body)()

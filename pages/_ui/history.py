@@ -19,7 +19,7 @@ import streamlit as st
 from core.gpt.errors import GlassBoxError
 from core.lab import jobs, runs, snapshots
 from core.stages import snapshots as history
-from pages._ui import show_error
+from pages._ui import polling, show_error
 from pages._ui.code import code_behind
 
 MAP_LABELS = 300  # most token labels written on the map (all points are drawn; hover shows every label)
@@ -142,4 +142,4 @@ def history_panel(run_id: str, key: str) -> None:
         _draw(run_id, key, v)
 
     body.__qualname__ = f"history_panel.{key}"
-    st.fragment(run_every=3 if active else None)(body)()
+    st.fragment(run_every=polling.every(3) if active else None)(body)()

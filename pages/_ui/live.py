@@ -15,6 +15,7 @@ import streamlit as st
 from core.gpt.errors import GlassBoxError
 from core.lab import jobs
 from pages._ui import job_controls
+from pages._ui import polling as poll
 
 
 def live_panel(run_id: str, draw: Callable[[str], None], key: str, every: float = 1.0,
@@ -32,4 +33,4 @@ def live_panel(run_id: str, draw: Callable[[str], None], key: str, every: float 
             st.rerun(scope="app")  # the job just ended: draw the results once, stop polling
 
     body.__qualname__ = f"live_panel.{key}"  # one fragment identity per panel
-    st.fragment(run_every=every if polling else None)(body)()
+    st.fragment(run_every=poll.every(every) if polling else None)(body)()
