@@ -74,3 +74,15 @@ def test_cli_prints_the_table_and_json_last_line(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert positive_finite(result["kv_cache_speedup"])
     assert "kv_cache_speedup" in err and "≥ 5" in err  # the table with its target
+
+
+def test_the_int8_piece_measures_decoding_against_its_ceiling():
+    from core.lab.bench_int8 import int8_decode
+
+    figures = int8_decode(quick=True)
+    for key in ("int8_decode_tokens_per_s", "int8_linears_tokens_per_s", "fp32_decode_tokens_per_s",
+                "fp32_linears_tokens_per_s"):
+        assert positive_finite(figures[key]), (key, figures[key])
+    # int8 stores a quarter of fp32's bytes (per-row scales aside)
+    assert figures["int8_weight_mb"] * 4 == pytest.approx(figures["fp32_weight_mb"], rel=0.01)
+    assert figures["int8_overhead_share"] < 1

@@ -160,9 +160,9 @@ class TokenGroupedInt8(nn.Module):
         self.in_features, self.out_features = quantized.in_features, quantized.out_features
 
     def forward(self, x):
+        if x.numel() == self.in_features:  # a decoding step: one row, one call (no regrouping to do)
+            return self.quantized.forward(x)  # .forward: one module call per Linear, not two
         flat = x.reshape(-1, self.in_features)  # (N, in)
-        if flat.shape[0] == 1:
-            return self.quantized(x)
         peak = flat.abs().amax(dim=1).clamp(min=1e-12)  # (N,) each token's largest |activation|
         group = torch.floor(torch.log(peak) / math.log(self.GROUP_FACTOR))  # tokens of similar size
         out = flat.new_empty(flat.shape[0], self.out_features)
@@ -178,6 +178,16 @@ def _group_tokens(model: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             if isinstance(child, torch.ao.nn.quantized.dynamic.Linear):
                 setattr(module, name, TokenGroupedInt8(child))
+    return model
+
+
+def _drop_inert_dropout(model: nn.Module) -> nn.Module:
+    """Replace every Dropout of probability 0 by Identity (in place). A quantized copy only ever
+    generates, where such a module is a no-op that still costs a module call: 61 a token in SmolLM2."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Dropout) and child.p == 0:
+                setattr(module, name, nn.Identity())
     return model
 
 
@@ -199,9 +209,10 @@ def int8_model(model: GPT, mode: str = "weight-only", calibration: list[int] | N
     if mode == "smooth":
         if not calibration:
             raise ValueError("int8 mode 'smooth' needs calibration token ids")
-        return _group_tokens(_quantize_dynamic(smooth_model(model, calibration)))  # smooth_model made the copy
+        # smooth_model made the copy
+        return _drop_inert_dropout(_group_tokens(_quantize_dynamic(smooth_model(model, calibration))))
     if mode == "dynamic":
-        return _quantize_dynamic(copy.deepcopy(model))
+        return _drop_inert_dropout(_quantize_dynamic(copy.deepcopy(model)))
     if mode != "weight-only":
         raise ValueError(f"int8 mode must be 'weight-only', 'dynamic' or 'smooth', not {mode!r}")
     out = copy.deepcopy(model).eval()
