@@ -36,17 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.browser_harness import CHROMIUM, CHROMIUM_ARGS, PROJECTOR, kill_jobs, start_server  # noqa: E402
+from tests.browser_harness import (CHROMIUM, CHROMIUM_ARGS, PROJECTOR, SETTLED_JS, kill_jobs,  # noqa: E402
+                                   start_server)
 
-SETTLE_JS = """(settleMs) => {
-    const app = document.querySelector('[data-testid="stApp"]');
-    const settled = app && app.getAttribute('data-test-script-state') === 'notRunning'
-        && app.getAttribute('data-test-connection-state') === 'CONNECTED'
-        && !document.querySelector('[data-stale="true"]');
-    if (!settled) { window.__settledSince = null; return false; }
-    window.__settledSince ??= performance.now();
-    return performance.now() - window.__settledSince >= settleMs;
-}"""
 PAGE_TIMEOUT_MS = 300_000
 EXTRA_PAGES = ["Attention", "Architecture", "Classification", "Instructions", "Judge", "Chat"]
 
@@ -77,6 +69,30 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used (its children not included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def probe_server(url: str, latencies: list[float], stop: threading.Event) -> None:
+    """What a browser on its own laptop would see: fetch the app's HTML every 2 s with a plain HTTP
+    client (this thread needs almost no CPU) and time the answer. Fast answers while the rig's pages
+    wait mean the wait was the browsers' (they share these two cores), not the server's."""
+    import urllib.request
+
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(url + "/", timeout=120) as answer:
+                answer.read()
+            latencies.append(round(time.monotonic() - started, 3))
+        except OSError:
+            if not stop.is_set():  # a request cut by the server's shutdown at the end is not a result
+                latencies.append(float("inf"))
+        stop.wait(2.0)
+
+
 def sample_memory(pid: int, samples: list[float], stop: threading.Event) -> None:
     while not stop.is_set():
         try:
@@ -86,23 +102,33 @@ def sample_memory(pid: int, samples: list[float], stop: threading.Event) -> None
         stop.wait(0.5)
 
 
-async def settle(page, timings: list[dict], learner: str, what: str, started: float) -> None:
+async def settle(page, timings: list[dict], learner: str, what: str, started: float,
+                 first_byte: float | None = None) -> None:
     await page.wait_for_selector('[data-testid="stApp"]', timeout=PAGE_TIMEOUT_MS)
-    await page.wait_for_function(SETTLE_JS, arg=300, polling=100, timeout=PAGE_TIMEOUT_MS)
-    timings.append({"learner": learner, "page": what, "seconds": round(time.monotonic() - started, 2)})
+    await page.wait_for_function(SETTLED_JS, arg=300, polling=100, timeout=PAGE_TIMEOUT_MS)
+    timings.append({"learner": learner, "page": what, "seconds": round(time.monotonic() - started, 2),
+                    "first_byte_s": None if first_byte is None else round(first_byte - started, 2)})
+
+
+async def open_page(page, url: str, timings: list[dict], learner: str, what: str,
+                    first_bytes: list[float]) -> None:
+    """Navigate and wait until settled. The server's answer (the HTML's first byte) is timed apart
+    from the settle: a slow first byte is the server's, a slow render after it the browser's."""
+    started = time.monotonic()
+    await page.goto(url, wait_until="commit")
+    first_bytes.append(round(time.monotonic() - started, 2))
+    await settle(page, timings, learner, what, started, time.monotonic())
 
 
 async def one_learner(browser, url: str, learner: str, index: int, folder: Path, timings: list[dict],
-                      failures: list[str], stagger: float) -> None:
+                      failures: list[str], stagger: float, first_bytes: list[float]) -> None:
     await asyncio.sleep(index * stagger)  # a room arrives over half a minute, not in one instant
     context = await browser.new_context(viewport=PROJECTOR)
     page = await context.new_page()
     page.set_default_timeout(PAGE_TIMEOUT_MS)
     try:
         for slug in ("", "Tokenisation"):
-            started = time.monotonic()
-            await page.goto(f"{url}/{slug}?learner={learner}", wait_until="commit")
-            await settle(page, timings, learner, slug or "Home", started)
+            await open_page(page, f"{url}/{slug}?learner={learner}", timings, learner, slug or "Home", first_bytes)
         notes = folder / learner / "notes.txt"
         notes.parent.mkdir(parents=True, exist_ok=True)
         notes.write_text(f"{learner}'s own text. " * 100)
@@ -111,9 +137,7 @@ async def one_learner(browser, url: str, learner: str, index: int, folder: Path,
         await page.get_by_text("Using your upload as the corpus").wait_for()
         await settle(page, timings, learner, "upload", started)
         for slug in ("Pretraining", EXTRA_PAGES[index % len(EXTRA_PAGES)]):
-            started = time.monotonic()
-            await page.goto(f"{url}/{slug}?learner={learner}", wait_until="commit")
-            await settle(page, timings, learner, slug, started)
+            await open_page(page, f"{url}/{slug}?learner={learner}", timings, learner, slug, first_bytes)
     except Exception as e:  # noqa: BLE001 - a timed-out learner is a result, not a crash
         failures.append(f"{learner}: {type(e).__name__}: {str(e).splitlines()[0]}")
     finally:
@@ -121,13 +145,13 @@ async def one_learner(browser, url: str, learner: str, index: int, folder: Path,
 
 
 async def drive(url: str, learners: list[str], folder: Path, timings: list[dict], failures: list[str],
-                stagger: float) -> None:
+                stagger: float, first_bytes: list[float]) -> None:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            await asyncio.gather(*(one_learner(browser, url, name, i, folder, timings, failures, stagger)
+            await asyncio.gather(*(one_learner(browser, url, name, i, folder, timings, failures, stagger, first_bytes)
                                    for i, name in enumerate(learners)))
         finally:
             await browser.close()
@@ -176,14 +200,19 @@ def main() -> int:
         start_rss = rss_mb(server.process.pid)
         sampler.start()
         threading.Thread(target=keep_browsers_behind, args=(stop,), daemon=True).start()
+        probe: list[float] = []
+        threading.Thread(target=probe_server, args=(server.url, probe, stop), daemon=True).start()
         for run_id, owner in job_runs.items():
             jobs.start_job(["pretrain", "--data", "python-docs", "--tokenizer", "char", "--preset", "small",
                             "--minutes", str(args.minutes), "--run-id", run_id, "--quiet"], run_id, owner=owner)
         timings: list[dict] = []
         failures: list[str] = []
-        began = time.monotonic()
-        asyncio.run(drive(server.url, learners, workdir / "uploads-sent", timings, failures, args.stagger))
+        first_bytes: list[float] = []
+        began, server_cpu = time.monotonic(), cpu_seconds(server.process.pid)
+        asyncio.run(drive(server.url, learners, workdir / "uploads-sent", timings, failures, args.stagger,
+                          first_bytes))
         wall = time.monotonic() - began
+        server_cpu = cpu_seconds(server.process.pid) - server_cpu
         for run_id in job_runs:  # a clean end: stop both jobs and wait for their last checkpoint
             jobs.stop_job(run_id)
         deadline = time.monotonic() + 120
@@ -204,6 +233,16 @@ def main() -> int:
               "slowest_settle_s": slowest["seconds"], "slowest": slowest,
               "median_settle_s": sorted(t["seconds"] for t in timings)[len(timings) // 2],
               "slowest_by_page_s": {k: max(v) for k, v in sorted(by_page.items())},
+              # The server's CPU seconds over the wall: 1.0 = one core all the time (its interpreter
+              # lock allows about one); far below 1 while pages wait = the wait was not the server's.
+              "server_cpu_s": round(server_cpu, 1), "server_cpu_share": round(server_cpu / wall, 2),
+              "slowest_first_byte_s": max(first_bytes, default=None),
+              "probe_html_slowest_s": max((x for x in probe if x != float("inf")), default=None),
+              "probe_html_failed": sum(x == float("inf") for x in probe),
+              "probe_html_median_s": sorted(probe)[len(probe) // 2] if probe else None,
+              "probe_html_p95_s": sorted(probe)[int(len(probe) * 0.95)] if probe else None,
+              "probe_html_count": len(probe),
+              "median_first_byte_s": sorted(first_bytes)[len(first_bytes) // 2] if first_bytes else None,
               "timed_out": failures, "lost_or_mixed": problems, "ok": not problems and not failures}
     print(json.dumps(result))
     return 0 if result["ok"] else 1

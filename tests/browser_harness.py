@@ -101,6 +101,19 @@ def kill_jobs(checkpoints: Path) -> None:
             pass
 
 
+# True once the app has stopped running its script, is connected, and nothing on the page is stale,
+# and all that has held for `settleMs` (the load test waits on the same condition).
+SETTLED_JS = """(settleMs) => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    const settled = app && app.getAttribute('data-test-script-state') === 'notRunning'
+        && app.getAttribute('data-test-connection-state') === 'CONNECTED'
+        && !document.querySelector('[data-stale="true"]');
+    if (!settled) { window.__glassboxSettledSince = null; return false; }
+    window.__glassboxSettledSince ??= performance.now();
+    return performance.now() - window.__glassboxSettledSince >= settleMs;
+}"""
+
+
 def wait_for_app(page, timeout: float = 60_000) -> None:
     """Wait until Streamlit has run the script at least once and is not running it now, and the
     page has settled: no element left over from the previous run, for a moment.
@@ -124,15 +137,7 @@ def wait_for_app(page, timeout: float = 60_000) -> None:
     page.evaluate("() => { window.__glassboxSettledSince = null; }")
     try:  # a page that polls fast may never hold still this long: then go on, as before
         page.wait_for_function(
-            """(settleMs) => {
-                const app = document.querySelector('[data-testid="stApp"]');
-                const settled = app && app.getAttribute('data-test-script-state') === 'notRunning'
-                    && app.getAttribute('data-test-connection-state') === 'CONNECTED'
-                    && !document.querySelector('[data-stale="true"]');
-                if (!settled) { window.__glassboxSettledSince = null; return false; }
-                window.__glassboxSettledSince ??= performance.now();
-                return performance.now() - window.__glassboxSettledSince >= settleMs;
-            }""", arg=SETTLE_MS, polling=50, timeout=SETTLE_TIMEOUT_MS)
+            SETTLED_JS, arg=SETTLE_MS, polling=50, timeout=SETTLE_TIMEOUT_MS)
     except PlaywrightTimeout:
         UNSETTLED.append(page.url)
 
