@@ -22,6 +22,7 @@ import torch
 from core.gpt.config import GPTConfig
 from core.gpt.model import GPT
 from core.lab import quantize
+from core.lab.bench import cpu_share
 from core.lab.device import configure_threads
 
 
@@ -64,8 +65,8 @@ def int8_decode(quick: bool = False, new_tokens: int = 32, repeats: int = 3) -> 
                   for _ in range(1 if quick else repeats)]
         out[f"{name}_decode_tokens_per_s"] = round(max(speeds), 1)
         out[f"{name}_linears_tokens_per_s"] = round(1 / _linears_alone(variant, 1 if quick else repeats), 1)
-    threads = max(1, torch.get_num_threads())
-    out["cpu_share"] = round((time.process_time() - cpu_start) / threads / (time.perf_counter() - wall_start), 3)
+    share = cpu_share(time.process_time() - cpu_start, time.perf_counter() - wall_start, torch.device("cpu"))
+    out["cpu_share"] = round(share, 3)
     # The share of a step spent outside the matrix products (norms, RoPE, attention, Python).
     out["int8_overhead_share"] = round(1 - out["int8_decode_tokens_per_s"] / out["int8_linears_tokens_per_s"], 2)
     return out
