@@ -200,3 +200,23 @@ def test_token_groups_give_a_huge_token_its_own_activation_scale():
     error = lambda y: (y[0, 1:] - exact[0, 1:]).abs().mean().item()  # noqa: E731  the ordinary tokens
     assert by_group.shape == exact.shape and error(by_group) < 0.1 * error(one_scale)
     assert isinstance(LQ.int8_model(smolish(), "smooth", list(range(20))).blocks[0].mlp.proj, LQ.TokenGroupedInt8)
+
+
+@pytest.mark.parametrize("full_range", [False, True])
+def test_eight_bit_activations_only_where_the_cpu_has_vnni(monkeypatch, full_range):
+    monkeypatch.setattr(LQ, "full_range_activations", lambda: full_range)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, context_length=16, n_embd=64, n_head=4, n_layer=1, position="rope",
+                       norm="rmsnorm", mlp="swiglu", bias=False)
+    model = GPT(config).eval()
+    ids = list(range(16))
+    q = LQ.int8_model(model, "smooth", ids)
+    grouped = [m for m in q.modules() if isinstance(m, LQ.TokenGroupedInt8)]
+    assert len(grouped) == 5 and all(m.reduce_range is not full_range for m in grouped)
+    x = torch.randn(1, 64)
+    layer = grouped[0]
+    exact = x @ q.blocks[0].attn.qkv.quantized.weight().dequantize().T
+    seven = torch.ops.quantized.linear_dynamic(x, layer.packed, True)
+    eight = torch.ops.quantized.linear_dynamic(x, layer.packed, False)
+    assert (eight - exact).abs().mean() < (seven - exact).abs().mean()  # the eighth bit halves the step
+    assert torch.equal(layer(x), eight if full_range else seven)

@@ -37,9 +37,10 @@ except ImportError:  # pragma: no cover
 
 def _kernel(module: nn.Module):
     """The one call a Linear-like `module` makes for a (1, in) row: a function of x."""
-    inner = getattr(module, "quantized", None)  # quantize.TokenGroupedInt8 wraps a dynamic Linear
-    if DynamicInt8Linear is not None and isinstance(inner if inner is not None else module, DynamicInt8Linear):
-        linear = inner if inner is not None else module
+    if hasattr(module, "product"):  # quantize.TokenGroupedInt8: one row is one fbgemm product
+        return module.product
+    if DynamicInt8Linear is not None and isinstance(module, DynamicInt8Linear):
+        linear = module
         packed, op = linear._packed_params._packed_params, torch.ops.quantized.linear_dynamic
         if linear._packed_params.dtype == torch.qint8 and linear.version is not None and linear.version >= 4:
             return lambda x: op(x, packed, True)  # reduce_range, as the module's own forward
