@@ -26,37 +26,23 @@ import torch.nn.functional as F
 
 from core.gpt.generate import KVCache, check_sampling, sample_next_token
 from core.gpt.generate import generate as textbook_generate
-from core.gpt.model import GPT, LayerNorm, SwiGLU
+from core.gpt.model import GPT, SwiGLU
 from core.lab.models import generation_threads
-
-try:  # the int8 copies' fbgemm Linear; absent from builds without quantization
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-except ImportError:  # pragma: no cover
-    DynamicInt8Linear = None
-
 
 def _kernel(module: nn.Module):
     """The one call a Linear-like `module` makes for a (1, in) row: a function of x."""
     if hasattr(module, "product"):  # quantize.TokenGroupedInt8: one row is one fbgemm product
         return module.product
-    if DynamicInt8Linear is not None and isinstance(module, DynamicInt8Linear):
-        linear = module
-        packed, op = linear._packed_params._packed_params, torch.ops.quantized.linear_dynamic
-        if linear._packed_params.dtype == torch.qint8 and linear.version is not None and linear.version >= 4:
-            return lambda x: op(x, packed, True)  # reduce_range, as the module's own forward
-        if linear._packed_params.dtype == torch.qint8:
-            return lambda x: op(x, packed)
-        return linear.forward
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
-    return module.forward  # weight-only int8 and anything else: its own forward
+    return module.forward  # PyTorch's dynamic int8, weight-only int8, anything else: its own forward
 
 
 def _norm(module: nn.Module):
     """A norm module as one functional call of x (1, C)."""
     shape = module.normalized_shape
-    if isinstance(module, (LayerNorm, nn.LayerNorm)):
+    if isinstance(module, nn.LayerNorm):  # the textbook's LayerNorm too
         weight, bias, eps = module.weight, module.bias, module.eps
         return lambda x: F.layer_norm(x, shape, weight, bias, eps)
     weight, eps = module.weight, module.eps
@@ -68,7 +54,6 @@ class FastDecoder:
 
     def __init__(self, model: GPT):
         config = model.config
-        self.model, self.config = model, config
         self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_size
         self.q_size, self.kv_size = self.n_head * self.hs, self.n_kv * self.hs
         self.wte = model.wte.weight
@@ -143,10 +128,10 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     try:
         with generation_threads(model):
             logits = model._last_logits(idx, cache)  # prefill: the textbook path fills the cache
-            for _ in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 next_id = int(sample_next_token(logits, temperature, top_k, top_p, generator))
                 tokens.append(next_id)
-                if next_id == eos_id or len(tokens) == len(idx[0]) + max_new_tokens:
+                if next_id == eos_id or i == max_new_tokens - 1:
                     break
                 logits = decoder.step(next_id, cache)
     finally:

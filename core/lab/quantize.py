@@ -25,6 +25,7 @@ The textbook side (what a Q4_1 block holds, how int8 rounding works) is `core/gp
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import time
@@ -179,6 +180,7 @@ class TokenGroupedInt8(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+@functools.cache
 def full_range_activations() -> bool:
     """Whether this CPU's int8 dot products have VNNI (avx512_vnni or avx_vnni). Without it fbgemm
     sums pairs of products in 16 bits, which 8-bit activations can overflow, so PyTorch quantizes
